@@ -44,15 +44,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from accelerate import PartialState
-
     from ..backbones.base import BackboneConfig, load_backbone
     from ..data.readers import CorpusConfig, load_corpus
     from ..data.records import iter_captions
     from ..errors import PcmnetError
-    from .cache import extract_image_features, extract_text_features
+    from .cache import extract_image_features, extract_text_features, process_state
 
-    state = PartialState()
+    state = process_state()
     fields, batch_size, shard_size = DEFAULTS[args.kind]
     fields = tuple(f.strip() for f in (args.fields or fields).split(",") if f.strip())
     records = load_corpus(CorpusConfig(path=args.data, format=args.format, images=args.images,
