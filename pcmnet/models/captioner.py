@@ -1,0 +1,289 @@
+"""The captioner: token builder -> visual-semantic encoder -> sentence decoder (METHODS.md 3-4),
+or g -> prefix -> causal LM (ClipCap), with batched beam search and a self-contained directory
+format:
+
+    model_dir/
+      config.json        captioner config, backbone spec + fingerprint + dims, training info
+      model.safetensors  weights (no pickle); a frozen pretrained LM is referenced, not copied
+      vocab.json         word vocabulary (transformer decoder), or tokenizer/ (prefix LM)
+
+A captioner only works on features of the backbone it was trained with: `from_pretrained(dir,
+backbone=bb)` refuses another backbone with a one-line `CheckpointError`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..config import from_dict, to_dict
+from ..errors import CheckpointError
+from .decoder import TransformerCaptionDecoder
+from .encoder import VisualSemanticEncoder, VisualTokens
+from .search import beam_search, sample
+from .vocab import Vocab
+
+INPUTS = ("global", "global_patches", "global_local", "pcm")
+IGNORE_INDEX = -100
+
+
+def caption_batch(tokenizer, captions: list[str], max_len: int, ignore_index: int = IGNORE_INDEX,
+                  device=None):
+    """Captions -> (inputs [B,t] starting with bos, targets [B,t] = inputs shifted by one with
+    `ignore_index` past the eos, input pad mask [B,t]). Padding never becomes a target, even for LM
+    tokenizers whose pad id is their eos id."""
+    seqs = [tokenizer.encode(c, max_len) for c in captions]
+    T = max(len(s) for s in seqs) - 1
+    inp = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
+    tgt = torch.full((len(seqs), T), ignore_index, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inp[i, : len(s) - 1] = torch.tensor(s[:-1])
+        tgt[i, : len(s) - 1] = torch.tensor(s[1:])
+    return inp.to(device), tgt.to(device), (tgt == ignore_index).to(device)
+
+
+@dataclass
+class CaptionerConfig:
+    """Model architecture and generation defaults (the `model:` section of a config).
+
+    inputs: which tokens the encoder sees: "global" (g only), "global_patches" (g + patch tokens P),
+            "global_local" (g + joint-space local tokens: word features in text-only training,
+            projected patches P' at inference), "pcm" (PCM-Net token builder, models/pcm.py).
+    decoder: "transformer" (word vocabulary) or "prefix_lm" (ClipCap: prefix + causal LM).
+    noise_variance: Gaussian noise added to g before the global token, in training only.
+    """
+
+    decoder: str = "transformer"
+    inputs: str = "global_patches"
+    width: int = 512
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    heads: int = 8
+    ffn: int = 2048
+    dropout: float = 0.1
+    max_len: int = 20
+    max_local: int = 32
+    noise_variance: float = 0.016
+    vocab_min_count: int = 5
+    vocab_max_size: int = 10000
+    # prefix LM decoder (ClipCap)
+    lm: str = "gpt2"
+    lm_config: dict | None = None  # build a random LM from this config instead (tests)
+    prefix_len: int = 10
+    mapper: str = "mlp"
+    mapper_layers: int = 2
+    freeze_lm: bool = True
+    # generation defaults
+    beam_size: int = 3
+    length_penalty: float = 0.0
+    no_repeat_ngram: int = 0
+
+
+@dataclass
+class BackboneInfo:
+    """What a captioner needs to know about its backbone (recorded in config.json)."""
+
+    spec: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    embed_dim: int = 0
+    patch_dim: int = 0
+    num_patches: int = 0
+
+    @classmethod
+    def of(cls, backbone) -> "BackboneInfo":
+        return cls(spec=backbone.spec(), fingerprint=backbone.fingerprint(), embed_dim=backbone.embed_dim,
+                   patch_dim=backbone.patch_dim, num_patches=backbone.num_patches)
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: CaptionerConfig, backbone: BackboneInfo, tokenizer, lm: nn.Module | None = None,
+                 extras: dict | None = None):
+        super().__init__()
+        if cfg.inputs not in INPUTS:
+            raise ValueError(f"unknown model.inputs '{cfg.inputs}' (one of: {', '.join(INPUTS)})")
+        self.cfg = cfg
+        self.backbone_info = backbone
+        self.tokenizer = tokenizer
+        self.extras = dict(extras or {})  # json-able training info saved with the model
+        D, Dv, N = backbone.embed_dim, backbone.patch_dim, backbone.num_patches
+        if cfg.decoder == "transformer":
+            self.tokens = VisualTokens(D, Dv, N, cfg.width, use_patches=cfg.inputs == "global_patches",
+                                       use_local=cfg.inputs == "global_local", max_local=cfg.max_local,
+                                       noise_variance=cfg.noise_variance, dropout=cfg.dropout)
+            self.encoder = VisualSemanticEncoder(cfg.width, cfg.encoder_layers, cfg.heads, cfg.ffn, cfg.dropout)
+            self.decoder = TransformerCaptionDecoder(len(tokenizer), cfg.width, cfg.decoder_layers, cfg.heads,
+                                                     cfg.ffn, cfg.dropout, cfg.max_len, tokenizer.pad_id)
+        elif cfg.decoder == "prefix_lm":
+            from .prefix_lm import PrefixLMDecoder
+
+            if lm is None:
+                raise ValueError("a prefix_lm captioner needs its causal LM")
+            self.decoder = PrefixLMDecoder(lm, D, cfg.prefix_len, cfg.mapper, cfg.mapper_layers, cfg.freeze_lm)
+        else:
+            raise ValueError(f"unknown model.decoder '{cfg.decoder}' (transformer or prefix_lm)")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, cfg: CaptionerConfig, backbone, captions: list[str] | None = None, extras=None):
+        """A fresh captioner for `backbone` (a Backbone or BackboneInfo); the word vocabulary is
+        built from `captions` (the training corpus)."""
+        info = backbone if isinstance(backbone, BackboneInfo) else BackboneInfo.of(backbone)
+        lm = None
+        if cfg.decoder == "prefix_lm":
+            from .prefix_lm import build_lm
+
+            lm, tokenizer = build_lm(cfg.lm, cfg.lm_config)
+        else:
+            if not captions:
+                raise ValueError("building a word vocabulary needs the training captions")
+            tokenizer = Vocab.build(captions, cfg.vocab_min_count, cfg.vocab_max_size)
+        return cls(cfg, info, tokenizer, lm=lm, extras=extras)
+
+    # ------------------------------------------------------------------ forward
+    def image_fields(self) -> tuple[str, ...]:
+        """The backbone image features this model reads (what the feature cache must hold)."""
+        return {"global": ("embeds",), "global_patches": ("embeds", "patches"),
+                "global_local": ("embeds", "patch_embeds"),
+                "pcm": ("embeds", "patches", "patch_embeds")}[self.cfg.inputs]
+
+    def image_inputs(self, image_feats: dict) -> dict:
+        """Backbone image features -> the `feats` dict `encode` takes at inference (the hook where
+        text-only models move image features into the text region of the space)."""
+        return {k: image_feats[k] for k in self.image_fields()}
+
+    def encode(self, feats: dict, train: bool | None = None):
+        """Features -> what the decoder attends to: (memory, pad_mask) or the LM prefix."""
+        train = self.training if train is None else train
+        if self.cfg.decoder == "prefix_lm":
+            g = feats["embeds"]
+            if train and self.cfg.noise_variance > 0:
+                g = g + torch.randn_like(g) * self.cfg.noise_variance ** 0.5
+            return self.decoder.prefix(g), None
+        tokens, pad = self.tokens(feats, train)
+        return self.encoder(tokens, pad), pad
+
+    def decode(self, memory, pad, tokens: torch.Tensor, token_pad: torch.Tensor | None = None):
+        if self.cfg.decoder == "prefix_lm":
+            return self.decoder(tokens, memory, token_pad)
+        return self.decoder(tokens, memory, pad, token_pad)
+
+    def forward(self, feats: dict, tokens: torch.Tensor, token_pad: torch.Tensor | None = None):
+        """Teacher forcing: tokens [B,t] starting with bos -> logits [B,t,V]."""
+        memory, pad = self.encode(feats)
+        return self.decode(memory, pad, tokens, token_pad)
+
+    def tokenize_captions(self, captions: list[str], device=None, ignore_index: int = IGNORE_INDEX):
+        return caption_batch(self.tokenizer, captions, self.cfg.max_len, ignore_index, device)
+
+    # ------------------------------------------------------------------ generation
+    def _repeat(self, x, k):
+        return None if x is None else x.repeat_interleave(k, dim=0)
+
+    @torch.no_grad()
+    def generate_ids(self, feats: dict, beam_size: int | None = None, max_len: int | None = None,
+                     length_penalty: float | None = None, no_repeat_ngram: int | None = None):
+        """Beam search (greedy when beam_size=1). Returns (token ids [B,T], scores [B])."""
+        K = beam_size or self.cfg.beam_size
+        memory, pad = self.encode(feats, train=False)
+        memory, pad = self._repeat(memory, K), self._repeat(pad, K)
+        B = feats["embeds"].shape[0]
+
+        def step(tokens):
+            return torch.log_softmax(self.decode(memory, pad, tokens)[:, -1].float(), -1)
+
+        return beam_search(step, B, self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                           beam_size=K, max_len=max_len or self.cfg.max_len,
+                           length_penalty=self.cfg.length_penalty if length_penalty is None else length_penalty,
+                           no_repeat_ngram=self.cfg.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
+                           device=feats["embeds"].device)
+
+    def generate(self, feats: dict, **kw) -> list[str]:
+        was_training = self.training
+        self.eval()
+        ids, _ = self.generate_ids(feats, **kw)
+        self.train(was_training)
+        return [self.tokenizer.decode(row) for row in ids.tolist()]
+
+    @torch.no_grad()
+    def sample_ids(self, feats: dict, num_samples: int = 1, temperature: float = 1.0,
+                   max_len: int | None = None, generator: torch.Generator | None = None):
+        """num_samples captions per item by multinomial sampling (RL): tokens [B*num_samples, T]."""
+        memory, pad = self.encode(feats, train=False)
+        memory, pad = self._repeat(memory, num_samples), self._repeat(pad, num_samples)
+        M = feats["embeds"].shape[0] * num_samples
+
+        def step(tokens):
+            return torch.log_softmax(self.decode(memory, pad, tokens)[:, -1].float(), -1)
+
+        return sample(step, M, self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                      max_len=max_len or self.cfg.max_len, temperature=temperature, generator=generator,
+                      device=feats["embeds"].device)
+
+    # ------------------------------------------------------------------ save / load
+    def _lm_is_referenced(self) -> bool:
+        return self._lm_is_referenced_cfg(self.cfg)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if not (self._lm_is_referenced() and k.startswith("decoder.lm."))}
+        tmp = out / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / "model.safetensors")
+        if self.cfg.decoder == "prefix_lm":
+            self.tokenizer.save(out / "tokenizer")
+        else:
+            self.tokenizer.save(out / "vocab.json")
+        meta = {"pcmnet_version": __version__, "model": to_dict(self.cfg),
+                "backbone": to_dict(self.backbone_info), "extras": self.extras}
+        (out / "config.json.tmp").write_text(json.dumps(meta, indent=2))
+        (out / "config.json.tmp").replace(out / "config.json")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, backbone=None, map_location="cpu") -> "Captioner":
+        d = Path(model_dir)
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            raise CheckpointError(f"{d}: not a pcmnet model directory (needs config.json and model.safetensors)")
+        meta = json.loads((d / "config.json").read_text())
+        cfg = from_dict(CaptionerConfig, meta["model"], prefix="model")
+        info = BackboneInfo(**meta["backbone"])
+        if backbone is not None and backbone.fingerprint() != info.fingerprint:
+            raise CheckpointError(
+                f"{d}: trained on backbone {info.fingerprint} ({info.spec}), but the loaded backbone is "
+                f"{backbone.fingerprint()}; load the matching backbone or retrain")
+        lm = None
+        if cfg.decoder == "prefix_lm":
+            from .prefix_lm import LMTokenizer, build_lm
+
+            tokenizer = LMTokenizer.load(d / "tokenizer")
+            if cls._lm_is_referenced_cfg(cfg):
+                lm, _ = build_lm(cfg.lm)
+            else:
+                lm, _ = build_lm(cfg.lm, {**cfg.lm_config, "tokenizer": str(d / "tokenizer")}
+                                 if cfg.lm_config else None)
+        else:
+            tokenizer = Vocab.load(d / "vocab.json")
+        model = cls(cfg, info, tokenizer, lm=lm, extras=meta.get("extras"))
+        model.load_extra_state(d)
+        state = load_file(str(d / "model.safetensors"), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (model._lm_is_referenced() and k.startswith("decoder.lm."))]
+        if missing or unexpected:
+            raise CheckpointError(f"{d}: weights do not match the config (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        return model.eval()
+
+    @staticmethod
+    def _lm_is_referenced_cfg(cfg: CaptionerConfig) -> bool:
+        """A frozen pretrained LM is not copied into the checkpoint; it is reloaded by name."""
+        return cfg.decoder == "prefix_lm" and cfg.freeze_lm and cfg.lm_config is None
+
+    def load_extra_state(self, model_dir: Path) -> None:
+        """Hook for parts that live in their own files (projection memory, concept bank)."""
