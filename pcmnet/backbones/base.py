@@ -141,5 +141,7 @@ def load_backbone(cfg: BackboneConfig | dict | str | None = None, device: str | 
 
         bb = HFCLIPBackbone.load(cfg.model)
     else:
-        raise ValueError(f"unknown backbone '{cfg.name}' (one of: mini, open_clip, hf-clip)")
+        from ..config import ConfigError
+
+        raise ConfigError(f"unknown backbone '{cfg.name}' (one of: mini, open_clip, hf-clip)")
     return bb.to(device).freeze()

@@ -1,0 +1,69 @@
+"""The `pcmnet train` config: one dataclass tree, loaded from YAML with strict keys.
+
+    mode: supervised | text_only | pcm | semi
+    backbone: {...}      pcmnet.backbones.base.BackboneConfig
+    data: {train, val, unlabeled}   pcmnet.data.readers.CorpusConfig each
+    model: {...}         pcmnet.models.captioner.CaptionerConfig
+    loss: {...}          pcmnet.train.losses.LossConfig (label smoothing, focal term, CLIP weights)
+    optim: {...}         OptimConfig below
+    run: {...}           RunConfig below
+    textonly / pcm / semi: the settings of those modes (see their modules)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backbones.base import BackboneConfig
+from ..data.readers import CorpusConfig
+from ..models.captioner import CaptionerConfig
+from .losses import LossConfig
+
+MODES = ("supervised", "text_only", "pcm", "semi")
+
+
+@dataclass
+class OptimConfig:
+    """Adam with a Noam warm-up (METHODS.md section 4): lr_t = lr * min(t / warmup, sqrt(warmup / t)),
+    i.e. linear warm-up to `lr` over `warmup_steps`, then inverse-square-root decay.
+    schedule "constant" keeps lr after the warm-up; "cosine" decays to 0 at the last step."""
+
+    lr: float = 5e-4
+    warmup_steps: int = 10000
+    schedule: str = "noam"
+    batch_size: int = 32  # global batch (split across processes)
+    epochs: int = 12
+    max_steps: int | None = None  # stop early at this many optimizer steps
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    save_every: int = 1000  # optimizer steps between checkpoints (and at the end of every epoch)
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    cache_dir: str = ".cache/pcmnet-features"
+    num_workers: int = 0
+    tensorboard: bool = True
+    eval_every: int = 0  # steps between validation losses (0: at the end of every epoch, if data.val)
+
+
+@dataclass
+class DataConfig:
+    train: CorpusConfig = field(default_factory=CorpusConfig)
+    val: CorpusConfig | None = None
+    unlabeled: CorpusConfig | None = None
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "supervised"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: CaptionerConfig = field(default_factory=CaptionerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
