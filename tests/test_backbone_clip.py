@@ -5,7 +5,6 @@ Every number is checked against the libraries' own forward passes (`encode_image
 """
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
