@@ -152,14 +152,16 @@ def test_unreadable_images_are_logged_once_and_skipped(tmp_path, caplog):
     recs = records_for(paths)
     recs.insert(1, Record(image_id="broken", file=str(bad)))
     recs.insert(4, Record(image_id="gone", file=str(tmp_path / "img" / "gone.jpg")))
+    recs.append(Record(image_id="text-only", captions=["no image here"]))
     bb = Counting().freeze()
     with caplog.at_level("WARNING", logger="pcmnet"):
         view = extract_image_features(recs, bb, tmp_path / "c", batch_size=3, shard_size=3, progress=False)
-    assert view.valid == [True, False, True, True, False, True, True]
-    assert view[1] is None and view[4] is None
-    assert view.stats["unreadable"] == 2 and view.stats["computed"] == 5 and bb.image_items == 5
+    assert view.valid == [True, False, True, True, False, True, True, False]
+    assert view[1] is None and view[4] is None and view[7] is None
+    assert view.stats["unreadable"] == 3 and view.stats["computed"] == 5 and bb.image_items == 5
     msgs = [r.getMessage() for r in caplog.records]
-    assert sum("broken.jpg" in m for m in msgs) == 1 and sum("gone.jpg" in m for m in msgs) == 1
+    for name in ("broken.jpg", "gone.jpg", "text-only"):
+        assert sum(name in m for m in msgs) == 1, name
     b = view.batch([0, 1, 4, 5])
     assert b["index"].tolist() == [0, 5] and b["embeds"].shape == (2, 24)
     assert view.stack("embeds").shape == (5, 24)
@@ -295,6 +297,8 @@ def test_cli_images_text_and_errors(tmp_path, toy_loader, capsys):
     assert main(argv + ["--fields", "embeds,bogus"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bogus" in err
+    assert main(argv + ["--batch-size", "0"]) == 2
+    assert "batch_size must be >= 1" in capsys.readouterr().err
     assert main(["features", "--data", str(txt), "--cache", cache, "--no-progress"]) == 2
     assert "no images" in capsys.readouterr().err
 

@@ -351,7 +351,9 @@ class _Ranks:
         return todo[lo * batch_size: hi * batch_size]
 
 
-def _check_fields(fields, allowed: tuple[str, ...]) -> tuple[str, ...]:
+def _check_args(fields, allowed: tuple[str, ...], batch_size: int) -> tuple[str, ...]:
+    if batch_size < 1:
+        raise PcmnetError(f"batch_size must be >= 1, got {batch_size}")
     fields = tuple(fields)
     bad = [f for f in fields if f not in allowed]
     if bad or not fields:
@@ -365,6 +367,9 @@ def _hash_images(records: list[Record], ranks: _Ranks, threads: int, progress: b
     mine = list(range(ranks.rank, len(records), ranks.world))
 
     def one(i: int) -> str | None:
+        if not records[i].has_image:
+            log.warning("skipping record %s: it has no image", records[i].image_id)
+            return None
         try:
             return content_hash(records[i])
         except ImageError as e:
@@ -421,7 +426,7 @@ def extract_image_features(records: list[Record], backbone: Backbone, cache_dir:
     With an `accelerator` of several processes each rank computes a disjoint share into its own
     shards, then all ranks wait and return the same view.
     """
-    fields = _check_fields(fields, IMAGE_FIELDS)
+    fields = _check_args(fields, IMAGE_FIELDS, batch_size)
     ranks = _Ranks(accelerator)
     t0 = time.perf_counter()
     store = FeatureStore(cache_dir, backbone.fingerprint(), "image")
@@ -456,7 +461,7 @@ def extract_text_features(captions: list[CaptionItem], backbone: Backbone, cache
     (stored as "tokens@<max_tokens>", so several lengths can live side by side). Same caching,
     resuming and multi-process rules as `extract_image_features`, keyed by (caption_id, text_hash).
     """
-    fields = _check_fields(fields, TEXT_FIELDS)
+    fields = _check_args(fields, TEXT_FIELDS, batch_size)
     ranks = _Ranks(accelerator)
     t0 = time.perf_counter()
     store = FeatureStore(cache_dir, backbone.fingerprint(), "text")
