@@ -58,7 +58,8 @@ def run(args) -> int:
     backbone = load_backbone(BackboneConfig(name=args.backbone, model=args.backbone_model,
                                             pretrained=args.backbone_pretrained),
                              device=args.device or str(state.device))
-    common = dict(batch_size=args.batch_size or batch_size, shard_size=args.shard_size or shard_size,
+    common = dict(batch_size=batch_size if args.batch_size is None else args.batch_size,
+                  shard_size=shard_size if args.shard_size is None else args.shard_size,
                   progress=not args.no_progress, accelerator=state)
     if args.kind == "image":
         records = [r for r in records if r.has_image]
