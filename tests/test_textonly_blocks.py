@@ -148,16 +148,13 @@ def test_noise_network_starts_at_fixed_noise_and_gets_gradients():
     assert net.net[2].weight.grad.abs().sum() > 0
 
 
-def test_noise_regularizer_pulls_std_to_target():
-    torch.manual_seed(0)
-    net = NoiseNetwork(dim=8, hidden=16, init_variance=0.1)
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    x = unit(32, 8)
-    for _ in range(150):
-        opt.zero_grad()
-        gaussian_kl(net.log_std(x), 0.003).backward()
-        opt.step()
-    assert net.log_std(x).exp().pow(2).mean().item() == pytest.approx(0.003, rel=0.05)
+def test_noise_regularizer_gradient_points_to_target():
+    # d KL / d log_std = (-1 + sigma^2 / sigma0^2) / count: pushes up below the target, down above
+    log_std = torch.tensor([[math.log(0.01), 0.5 * math.log(0.003), math.log(0.2)]], requires_grad=True)
+    gaussian_kl(log_std, 0.003).backward()
+    expected = (-1 + torch.exp(2 * log_std.detach()) / 0.003) / 3
+    torch.testing.assert_close(log_std.grad, expected)
+    assert log_std.grad[0, 0] < 0 and log_std.grad[0, 1].abs() < 1e-6 and log_std.grad[0, 2] > 0
 
 
 # -- projection memory (DeCap) --------------------------------------------------------------------
@@ -230,22 +227,28 @@ def test_leave_one_out_excludes_the_caption_and_its_copies():
 def test_500k_memory_stays_within_budget():
     m, D, B, budget = 500_000, 64, 8, 4.0
     g = torch.Generator().manual_seed(0)
-    M = torch.randn(m, D, generator=g)
-    mem = ProjectionMemory(M, temperature=1 / 150, budget_mb=budget, dtype="float16")
+    mem = ProjectionMemory(torch.randn(m, D, generator=g), temperature=1 / 150, budget_mb=budget,
+                           dtype="float16")
     assert mem.embeds.dtype == torch.float16 and mem.embeds.shape == (m, D)
-    q = torch.randn(B, D, generator=g).requires_grad_(True)
+    q = torch.randn(B, D, generator=g)
     out = mem.project(q)
-    out.sum().backward()  # the recomputing backward honours the budget too
     assert B * m * 4 > budget * 2 ** 20  # a dense similarity matrix would not fit
-    assert 1 < mem.stats["chunk_rows"] < m
+    assert 1 < mem.stats["chunk_rows"] < m and mem.stats["chunks"] == math.ceil(m / mem.stats["chunk_rows"])
     assert mem.stats["peak_block_bytes"] <= budget * 2 ** 20
-    ref = dense_projection(q.detach(), mem.embeds.float(), 1 / 150)
-    torch.testing.assert_close(out.detach().double(), ref, atol=1e-5, rtol=0)
-    mem.top_k = 16
-    out_k = mem.project(q.detach())
-    assert mem.stats["peak_block_bytes"] <= budget * 2 ** 20
-    torch.testing.assert_close(out_k.double(), dense_projection(q.detach(), mem.embeds.float(), 1 / 150, 16),
-                               atol=1e-5, rtol=0)
+    Mf = mem.embeds.float()  # the test's own dense reference (16 MB of logits)
+    ref = F.normalize(torch.softmax(F.normalize(q, dim=-1) @ Mf.T * 150, dim=1) @ Mf, dim=-1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_backward_and_top_k_stay_within_budget(top_k):
+    M, budget = unit(20_000, 32, seed=13), 0.25
+    mem = ProjectionMemory(M, temperature=1 / 150, top_k=top_k, budget_mb=budget, dtype="float16")
+    q = unit(16, 32, seed=14).requires_grad_(True)
+    mem.project(q, exclude=q.detach()).sum().backward()  # the recomputing backward is chunked too
+    assert 1 < mem.stats["chunk_rows"] < 20_000
+    assert 0 < mem.stats["peak_block_bytes"] <= budget * 2 ** 20
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_memory_save_load_and_fingerprint(toy_backbone, tmp_path):
@@ -385,6 +388,9 @@ def test_fusioncap_end_to_end_on_toy_backbone(toy_backbone):
     model = TextOnly(cfg, toy_backbone.embed_dim, noise_variance=0.003, memory=mem)
     assert set(k.split(".")[0] for k in model.state_dict()) == {"noise_variance", "noise_net", "projection_net"}
     assert float(model.noise_variance) == pytest.approx(0.003)
+    reloaded = TextOnly(cfg, toy_backbone.embed_dim, noise_variance=0.016, memory=mem)
+    reloaded.load_state_dict(model.state_dict())  # the checkpoint keeps what "auto" measured
+    assert float(reloaded.noise_variance) == pytest.approx(0.003)
     builder = text_only_token_builder(cfg, toy_backbone, width=16)
 
     text = toy_backbone.encode_text(captions[:3])

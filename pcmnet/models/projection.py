@@ -99,9 +99,12 @@ class _StreamingProjection(torch.autograd.Function):
         for start in range(0, M.shape[0], chunk):
             Mc, s, nbytes = _chunk_logits(q, M, start, start + chunk, tau, exclude)
             w = torch.exp(s - lse[:, None])  # excluded entries: exp(-inf) = 0
-            gs = w * (grad_o @ Mc.T - go_o)
+            gs = grad_o @ Mc.T  # then in place: w * (G.M_i - G.o), no further [B x c] blocks
+            gs -= go_o
+            gs *= w
             grad_q += gs @ Mc / tau
-            stats["peak_block_bytes"] = max(stats["peak_block_bytes"], nbytes + 2 * w.numel() * w.element_size())
+            step_bytes = nbytes + 2 * w.numel() * w.element_size()  # w and gs
+            stats["peak_block_bytes"] = max(stats["peak_block_bytes"], step_bytes)
         return grad_q, None, None, None, None, None
 
 
@@ -158,7 +161,9 @@ class ProjectionMemory:
         """
         dtype = queries.dtype if queries.dtype in (torch.float32, torch.float64) else torch.float32
         q = F.normalize(queries.to(dtype), dim=-1)
-        M = self.embeds if self.embeds.device == q.device else self.embeds.to(q.device)
+        if self.embeds.device != q.device:  # the memory follows its queries (moved once, not per call)
+            self.embeds = self.embeds.to(q.device)
+        M = self.embeds
         excl = None if exclude is None else F.normalize(exclude.detach().to(dtype), dim=-1)
         chunk = self.chunk_rows(q.shape[0], q.element_size())
         self.stats = {"chunk_rows": chunk, "chunks": 0, "peak_block_bytes": 0}
@@ -220,7 +225,8 @@ class ProjectionMemory:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path, fingerprint: str | None = None, budget_mb: float = 64.0) -> "ProjectionMemory":
+    def load(cls, path: str | Path, fingerprint: str | None = None,
+             budget_mb: float = 64.0) -> "ProjectionMemory":
         """Read a saved memory (temperature and top_k as saved; assign the attributes to change them).
         With `fingerprint`, refuse a memory built by another backbone (another embedding space)."""
         path = Path(path)
