@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from safetensors import safe_open
 from toys import ToyBackbone, make_images
 
-from pcmnet.data.images import content_hash, open_image, text_hash
+from pcmnet.data.images import open_image, text_hash
 from pcmnet.data.readers import load_corpus, read_folder
 from pcmnet.data.records import CaptionItem, Record, iter_captions
 from pcmnet.features import FeatureStore, extract_image_features, extract_text_features

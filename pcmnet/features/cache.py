@@ -145,7 +145,6 @@ class ShardWriter:
         self.seq = 0
         self.keys: list[Key] = []
         self.buffer: dict[str, list[torch.Tensor]] = {}
-        self.rows_written = 0
         self.index = store.root / f"index-r{rank}.jsonl"
 
     def add(self, keys: list[Key], tensors: dict[str, torch.Tensor]) -> None:
@@ -180,7 +179,6 @@ class ShardWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.rows_written += n
 
     def close(self) -> None:
         if self.keys:
