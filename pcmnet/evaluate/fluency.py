@@ -131,11 +131,11 @@ def load_lm(spec: str = "auto", device: str | None = None) -> LanguageModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files, offline hub, malformed ids
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PcmnetError(f"cannot load language model '{spec}': {first}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.float().to(device).eval()
+    model = model.to(device).eval()  # GGUF weights are dequantized to float32 already
     return LanguageModel(model=model, tokenizer=tokenizer, name=spec if gguf is None else f"{source}/{gguf}")
 
 

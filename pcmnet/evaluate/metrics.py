@@ -170,17 +170,17 @@ def evaluate_captions(predictions: dict, references: dict, images: dict | None =
     ids = sorted(preds, key=_sort_key)
     captions = [preds[k] for k in ids]
     result: dict = {"num_images": len(ids), "metrics": {}, "skipped": {}}
-    metrics, skipped = result["metrics"], result["skipped"]
+    scores, skipped = result["metrics"], result["skipped"]
 
     cm = caption_metrics(preds, refs, metrics=metrics)
     skipped.update(cm.pop("skipped"))
-    metrics.update(cm)
+    scores.update(cm)
 
     # CLIP-S, RefCLIP-S, retrieval: one pass over the images, shared by all three
     clip_names = ("CLIP-S", "RefCLIP-S", "R@1", "R@5", "R@10", "median_rank")
     if backbone is None or (images is None and image_embeds is None):
         reason = "no backbone given" if backbone is None else "no images given"
-        metrics.update(dict.fromkeys(clip_names))
+        scores.update(dict.fromkeys(clip_names))
         skipped.update(dict.fromkeys(clip_names, reason))
     else:
         if image_embeds is not None:
@@ -195,22 +195,22 @@ def evaluate_captions(predictions: dict, references: dict, images: dict | None =
                           "images_skipped": len(errors), "skipped_images": errors[:20],
                           "prefix": clip_prefix, "ref_weight": ref_weight}
         if not kept:
-            metrics.update(dict.fromkeys(clip_names))
+            scores.update(dict.fromkeys(clip_names))
             skipped.update(dict.fromkeys(clip_names, "no image could be read"))
         else:
             t = embed_captions(backbone, [captions[i] for i in kept], clip_prefix)
             clip = clip_scores([captions[i] for i in kept], backbone,
                                references=[refs[ids[i]] for i in kept], image_embeds=g,
                                caption_embeds=t, prefix=clip_prefix, ref_weight=ref_weight)
-            metrics["CLIP-S"], metrics["RefCLIP-S"] = clip["CLIP-S"], clip["RefCLIP-S"]
-            metrics.update(retrieval_recall(g, t))
+            scores["CLIP-S"], scores["RefCLIP-S"] = clip["CLIP-S"], clip["RefCLIP-S"]
+            scores.update(retrieval_recall(g, t))
 
-    metrics.update(caption_stats(captions))
-    metrics.update(fluency_stats(captions, max_length=max_length))
+    scores.update(caption_stats(captions))
+    scores.update(fluency_stats(captions, max_length=max_length))
     if max_length is None:
         skipped["truncated_share"] = "no max_length given"
 
-    metrics["perplexity"] = None
+    scores["perplexity"] = None
     if lm is None:
         skipped["perplexity"] = "no language model given"
     else:
@@ -222,7 +222,7 @@ def evaluate_captions(predictions: dict, references: dict, images: dict | None =
             model, skipped["perplexity"] = None, str(e)
         if model is not None:
             ppl = perplexity(captions, model, batch_size=batch_size)
-            metrics["perplexity"] = ppl["perplexity"]
+            scores["perplexity"] = ppl["perplexity"]
             result["lm"] = {"name": model.name, "num_tokens": ppl["num_tokens"],
                             "mean_nll": ppl["mean_nll"], "bos_prepended": ppl["bos_prepended"]}
             if ppl["perplexity"] is None:
