@@ -76,6 +76,10 @@ def test_singular_candidates_and_word_lists(tmp_path):
     assert singular_candidates("people") == ["person"]
     assert singular_candidates("buses")[0] == "bus"
     assert "shoe" in singular_candidates("shoes") and singular_candidates("bus") == []
+    assert singular_candidates("clothes") == ["clothes"]
+    # of two attested singulars, the more frequent one wins ("horses" -> "horse", not "hors")
+    corpus = ["two horses in a field", "a horse", "a horse in a barn", "hors"]
+    assert frequent_nouns(corpus, tagger="heuristic")[:2] == ["horse", "barn"]
     f = tmp_path / "words.txt"
     f.write_text("dog\n\n# animals above\ncat  # a comment\ndog\n car \n")
     assert read_word_list(f) == ["dog", "cat", "car"]

@@ -10,8 +10,8 @@ pattern.en that TextBlob ships inside its wheel (`pip install textblob`: a Penn 
 plus contextual and morphological rules, pure Python, no pickle), with one correction rule (see
 `_tagged_noun_counts`). Without TextBlob a documented heuristic is used (`heuristic_nouns`);
 docs/pcm.md measures how close it gets. Plural nouns count as their singular
-when the singular also occurs in the corpus ("dogs" -> "dog", "people" -> "person", but
-"clothes" stays). A user-supplied word list skips all of this.
+when the singular also occurs in the corpus ("dogs" -> "dog", "people" -> "person", "buses"
+-> "bus"; "clothes" and "glasses" stay). A user-supplied word list skips all of this.
 
 Files (no pickle): `concepts.safetensors` ("embeddings" [K,D] float32) and `concepts.json`
 (words, backbone spec + fingerprint, templates, how the words were chosen).
@@ -127,29 +127,31 @@ def _tagged_noun_counts(captions: list[str]) -> Counter:
     return counts
 
 
-def _vocabulary(captions: list[str]) -> set[str]:
-    return {w for cap in captions for w in tokenize(cap)}
+def _vocabulary(captions: list[str]) -> Counter:
+    return Counter(w for cap in captions for w in tokenize(cap))
 
 
-def _merge_plurals(counts: Counter, vocabulary: set[str]) -> Counter:
-    """Count a plural as its singular when the singular form occurs anywhere in the corpus."""
+def _merge_plurals(counts: Counter, vocabulary: Counter) -> Counter:
+    """Count a plural as its singular when the singular occurs in the corpus (of several
+    candidates, the most frequent one: "horses" -> "horse", not "hors")."""
     out: Counter = Counter()
     for word, n in counts.items():
-        found = [s for s in singular_candidates(word) if s in vocabulary]
-        out[found[0] if found else word] += n
+        found = [s for s in singular_candidates(word) if vocabulary[s] > 0]
+        out[max(found, key=lambda s: vocabulary[s]) if found else word] += n
     return out
 
 
 _IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child",
               "feet": "foot", "teeth": "tooth", "mice": "mouse", "geese": "goose", "knives": "knife",
               "leaves": "leaf", "shelves": "shelf", "wolves": "wolf", "loaves": "loaf",
-              "halves": "half", "calves": "calf", "scarves": "scarf", "wives": "wife"}
+              "halves": "half", "calves": "calf", "scarves": "scarf", "wives": "wife",
+              "clothes": "clothes", "glasses": "glasses", "jeans": "jeans", "pants": "pants",
+              "news": "news"}
 
 
 def singular_candidates(word: str) -> list[str]:
-    """Possible singulars of `word`, most likely first (irregular list, then -ies/-es/-s rules).
-    Callers keep the first one the corpus contains, which weeds out "bus" -> "bu", "glasses" ->
-    "glasse" and "clothes" -> "clothe"."""
+    """Possible singulars of `word` (irregular list, else the -ies/-es/-s rules). Callers keep
+    the most frequent candidate that the corpus contains, which weeds out "bus" -> "bu"."""
     if word in _IRREGULAR:
         return [_IRREGULAR[word]]
     out = []
@@ -157,7 +159,7 @@ def singular_candidates(word: str) -> list[str]:
         out.append(word[:-3] + "y")
     if len(word) > 3 and word.endswith("es"):
         out.append(word[:-2])
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
         out.append(word[:-1])
     return out
 
