@@ -29,20 +29,22 @@ class VisualTokens(nn.Module):
     """Global token + patch tokens (+ joint-space local tokens), positions, token types, LN, dropout.
 
     Token order: [global, patch_1..patch_N] or [global, local_1..local_L]. Positions are learned
-    (0 = global, 1.. = grid/sequence index); token type 0 = visual (1 is used by PCM's concept tokens,
-    2 by joint-space local tokens).
+    (0 = global, 1.. = grid index); token type 0 = visual (1 is used by PCM's concept tokens, 2 by
+    joint-space local tokens). Local tokens are a set: they get no position of their own (word
+    order in text-only training and grid order at inference would not mean the same thing), only
+    their token type; at most `max_local` of them are used.
     """
 
     def __init__(self, embed_dim: int, patch_dim: int, num_patches: int, width: int,
                  use_patches: bool = True, use_local: bool = False, max_local: int = 64,
                  noise_variance: float = 0.016, dropout: float = 0.1):
         super().__init__()
-        self.use_patches, self.use_local = use_patches, use_local
+        self.use_patches, self.use_local, self.max_local = use_patches, use_local, max_local
         self.noise_variance = noise_variance
         self.global_proj = nn.Linear(embed_dim, width)  # Wg
         self.patch_proj = nn.Linear(patch_dim, width) if use_patches else None  # Wv
         self.local_proj = nn.Linear(embed_dim, width) if use_local else None  # Wl
-        n_pos = 1 + max(num_patches if use_patches else 0, max_local if use_local else 0)
+        n_pos = 1 + (num_patches if use_patches else 0)
         self.pos = nn.Embedding(n_pos, width)
         self.token_type = nn.Embedding(3, width)
         self.norm = nn.LayerNorm(width)
@@ -70,14 +72,18 @@ class VisualTokens(nn.Module):
             masks.append(torch.zeros(B, p.shape[1], dtype=torch.bool, device=g.device))
             types.append(torch.zeros(B, p.shape[1], dtype=torch.long, device=g.device))
         if self.use_local:
-            loc = feats["local"][:, : self.pos.num_embeddings - 1]
+            loc = feats["local"][:, : self.max_local]
             lmask = feats["local_mask"][:, : loc.shape[1]]
             parts.append(self.local_proj(loc))
             masks.append(~lmask.bool())
             types.append(torch.full(lmask.shape, 2, dtype=torch.long, device=g.device))
         tokens = torch.cat(parts, 1)
-        positions = torch.cat([torch.zeros(1, dtype=torch.long)]
-                              + [torch.arange(1, p.shape[1] + 1) for p in parts[1:]]).to(g.device)
+        positions = [torch.zeros(1, dtype=torch.long)]
+        if self.use_patches:
+            positions.append(torch.arange(1, parts[1].shape[1] + 1))
+        if self.use_local:
+            positions.append(torch.zeros(parts[-1].shape[1], dtype=torch.long))
+        positions = torch.cat(positions).to(g.device)
         x = self.finish(tokens, positions.expand(B, -1), torch.cat(types, 1))
         return x, torch.cat(masks, 1)
 
