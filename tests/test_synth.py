@@ -19,9 +19,9 @@ from pcmnet.errors import MissingWeightsError, PcmnetError
 from pcmnet.synth import manifest as mf
 from pcmnet.synth.config import SynthConfig, parse_size
 from pcmnet.synth.export import export
-from pcmnet.synth.generate import generate, load_pipeline, resolve_dtype, set_scheduler
+from pcmnet.synth.generate import generate, load_pipeline, resolve_dtype, set_scheduler, shard_pairs
 from pcmnet.synth.score import score_folder
-from pcmnet.synth.shard import pair_seed, shard_of
+from pcmnet.synth.shard import pair_seed
 from pcmnet.synth.tiny import build_tiny_pipeline
 from toys import ToyBackbone
 
@@ -85,12 +85,15 @@ def test_pair_seed_is_sha256_of_its_inputs():
     assert len(seeds) == 8 and all(0 <= s < 2**63 for s in seeds)
 
 
-def test_shards_partition_caption_ids():
-    ids = [f"cap{i}" for i in range(200)]
-    owners = [shard_of(i, 3) for i in ids]
-    assert set(owners) == {0, 1, 2}
-    assert owners == [int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") % 3 for i in ids]
-    assert all(shard_of(i, 1) == 0 for i in ids)
+def test_shards_partition_the_caption_list():
+    items = [(f"cap{i}", f"caption {i}") for i in range(11)]
+    cfg = SynthConfig(images_per_caption=2)
+    shards = [shard_pairs(items, cfg, r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [8, 8, 6]  # captions 0,3,6,9 | 1,4,7,10 | 2,5,8; 2 images each
+    keys = [p.key for s in shards for p in s]
+    assert sorted(keys) == sorted((c, k) for c, _ in items for k in (0, 1)) and len(set(keys)) == 22
+    assert {p.caption_id for p in shards[1]} == {"cap1", "cap4", "cap7", "cap10"}
+    assert [p.key for p in shard_pairs(items, cfg, 0, 1)] == [(c, k) for c, _ in items for k in (0, 1)]
 
 
 def test_config_file_and_checks(tmp_path):

@@ -30,7 +30,7 @@ from ..data.records import DataError, iter_captions
 from ..errors import MissingWeightsError, PcmnetError
 from . import manifest as mf
 from .config import GENERATION_KEYS, SynthConfig, parse_size
-from .shard import pair_seed, process_state, shard_of
+from .shard import owns, pair_seed, process_state
 
 log = logging.getLogger("pcmnet.synth")
 
@@ -67,9 +67,9 @@ def load_captions(cfg: SynthConfig) -> list[tuple[str, str]]:
 
 
 def shard_pairs(items: list[tuple[str, str]], cfg: SynthConfig, rank: int, world: int) -> list[Pair]:
-    """The pairs process `rank` of `world` owns, in corpus order."""
+    """The pairs of the captions process `rank` of `world` owns, in corpus order."""
     return [Pair(cid, cap, k, pair_seed(cfg.seed, cid, k))
-            for cid, cap in items if shard_of(cid, world) == rank
+            for i, (cid, cap) in enumerate(items) if owns(i, rank, world)
             for k in range(cfg.images_per_caption)]
 
 
@@ -130,8 +130,10 @@ def load_pipeline(cfg: SynthConfig, device: str):
     if local.exists() and not (local / "model_index.json").is_file():
         raise MissingWeightsError(f"{cfg.model}: not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(str(local) if local.exists() else cfg.model,
-                                                         torch_dtype=dtype)
+        with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones only know this
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+            pipe = AutoPipelineForText2Image.from_pretrained(str(local) if local.exists() else cfg.model,
+                                                             torch_dtype=dtype)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MissingWeightsError(f"cannot load diffusion pipeline '{cfg.model}': {first}") from None

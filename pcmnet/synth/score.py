@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..backbones.base import Backbone, BackboneConfig
 from ..data.records import Record
 from . import manifest as mf
-from .shard import process_state, shard_of
+from .shard import owns, process_state
 
 log = logging.getLogger("pcmnet.synth")
 
@@ -50,8 +50,9 @@ def clip_scores(backbone: Backbone, images: list, captions: list[str]) -> list[f
 def score_folder(folder: str | Path, backbone: Backbone, batch_size: int = 64) -> dict:
     """Score every complete, unflagged pair of `folder` not yet scored by this backbone.
 
-    Each process takes the pairs whose caption id hashes to its rank; process 0 merges the
-    scores into manifest.jsonl once all are done. Returns counts for this process.
+    Process r takes the pairs at positions p = r mod N of the sorted manifest (the same list for
+    every process: scoring adds no pairs); process 0 merges the scores into manifest.jsonl once
+    all are done. Returns counts for this process.
     """
     from ..data.images import image_loader
 
@@ -61,7 +62,7 @@ def score_folder(folder: str | Path, backbone: Backbone, batch_size: int = 64) -
     mf.clear_tmp(folder, rank)
     fingerprint = backbone.fingerprint()
     rows = mf.merged_rows(folder)
-    todo = [r for r in rows if shard_of(str(r["caption_id"]), world) == rank and not r.get("nsfw")
+    todo = [r for i, r in enumerate(rows) if owns(i, rank, world) and not r.get("nsfw")
             and not (r.get("clip_score") is not None and r.get("clip_backbone") == fingerprint)
             and mf.is_complete(folder, r)]
     scored = 0

@@ -1,9 +1,10 @@
 """Which process does what, and the seed of each pair (METHODS.md section 2).
 
-Under `accelerate launch --num_processes N ...` every process runs the same command. Process r
-takes the captions whose id hashes to r (`shard_of`): the assignment depends only on the caption
-id and N, never on what is already done, so processes need not talk to each other before they
-start and shards never overlap. Single-process runs are rank 0 of 1.
+Under `accelerate launch --num_processes N ...` every process runs the same command and reads the
+same caption list. Process r takes the captions at positions p with p mod N == r (`owns`): the
+assignment depends only on the list and N, never on what is already done, so processes need not
+talk to each other before they start, shards never overlap, and their sizes differ by at most
+one caption. Single-process runs are rank 0 of 1.
 
 Seeds: `pair_seed(global seed, caption id, image index)` is a stable 63-bit hash, so an image is
 reproducible from its manifest line alone: `torch.Generator("cpu").manual_seed(seed)`.
@@ -11,6 +12,7 @@ reproducible from its manifest line alone: `torch.Generator("cpu").manual_seed(s
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import timedelta
 
 # Processes wait for each other once, at the end, before process 0 merges the manifest. A process
@@ -27,13 +29,20 @@ def pair_seed(global_seed: int, caption_id: str, image_index: int) -> int:
     return _hash64(f"{int(global_seed)}\x1f{caption_id}\x1f{int(image_index)}") & (2**63 - 1)
 
 
-def shard_of(caption_id: str, num_shards: int) -> int:
-    """Process that owns a caption id: sha256(caption id) mod N."""
-    return _hash64(caption_id) % num_shards if num_shards > 1 else 0
+def owns(position: int, rank: int, world: int) -> bool:
+    """Does process `rank` of `world` own the item at `position` of the shared list?"""
+    return position % world == rank
 
 
 def process_state():
-    """accelerate's PartialState (rank, world size, device, barrier); one process when not launched."""
+    """accelerate's PartialState (rank, world size, device, barrier); one process when not launched.
+
+    Without CUDA, `accelerate launch --multi_gpu --num_processes N` starts N processes that only
+    join (gloo, DistributedType.MULTI_CPU) when PartialState is asked for `cpu=True`; otherwise
+    each would think it is alone and redo every shard.
+    """
+    import torch
     from accelerate import PartialState
 
-    return PartialState(timeout=BARRIER_TIMEOUT)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=launched and not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
