@@ -112,8 +112,10 @@ class Captioner(nn.Module):
         self.extras = dict(extras or {})  # json-able training info saved with the model
         D, Dv, N = backbone.embed_dim, backbone.patch_dim, backbone.num_patches
         if cfg.decoder == "transformer":
+            # global_local: room for every patch token P' at inference (never silently drop patches)
+            max_local = max(cfg.max_local, N) if cfg.inputs == "global_local" else cfg.max_local
             self.tokens = VisualTokens(D, Dv, N, cfg.width, use_patches=cfg.inputs == "global_patches",
-                                       use_local=cfg.inputs == "global_local", max_local=cfg.max_local,
+                                       use_local=cfg.inputs == "global_local", max_local=max_local,
                                        noise_variance=cfg.noise_variance, dropout=cfg.dropout)
             self.encoder = VisualSemanticEncoder(cfg.width, cfg.encoder_layers, cfg.heads, cfg.ffn, cfg.dropout)
             self.decoder = TransformerCaptionDecoder(len(tokenizer), cfg.width, cfg.decoder_layers, cfg.heads,
@@ -164,6 +166,12 @@ class Captioner(nn.Module):
             if train and self.cfg.noise_variance > 0:
                 g = g + torch.randn_like(g) * self.cfg.noise_variance ** 0.5
             return self.decoder.prefix(g), None
+        if self.cfg.inputs == "global_local" and "local" not in feats:
+            # image features: the local tokens are the patches in the joint space P', normalized
+            # like the word features they stand in for (text-only recipe, local_normalize)
+            local = nn.functional.normalize(feats["patch_embeds"], dim=-1)
+            feats = {**feats, "local": local,
+                     "local_mask": torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)}
         tokens, pad = self.tokens(feats, train)
         return self.encoder(tokens, pad), pad
 
