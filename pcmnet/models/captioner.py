@@ -281,7 +281,11 @@ class Captioner(nn.Module):
         model = cls(cfg, info, tokenizer, lm=lm, extras=meta.get("extras"))
         model.load_extra_state(d)
         state = load_file(str(d / "model.safetensors"), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of the wrong shape: the config does not fit the weights
+            detail = " ".join(str(e).split("\n")[1:2]).strip() or str(e).splitlines()[0]
+            raise CheckpointError(f"{d}: weights do not match the config ({detail})") from None
         missing = [k for k in missing if not (model._lm_is_referenced() and k.startswith("decoder.lm."))]
         if missing or unexpected:
             raise CheckpointError(f"{d}: weights do not match the config (missing {missing[:3]}, "
