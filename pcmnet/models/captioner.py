@@ -47,6 +47,19 @@ def caption_batch(tokenizer, captions: list[str], max_len: int, ignore_index: in
     return inp.to(device), tgt.to(device), (tgt == ignore_index).to(device)
 
 
+def _tied_names(state: dict) -> set[str]:
+    """Names whose tensor is the very same memory as an earlier name's (tied weights, e.g. a causal
+    LM's lm_head and input embedding). safetensors refuses aliased tensors, so each is saved once;
+    loading the first name fills the others, as the model ties them at construction."""
+    seen, tied = set(), set()
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key in seen:
+            tied.add(k)
+        seen.add(key)
+    return tied
+
+
 @dataclass
 class CaptionerConfig:
     """Model architecture and generation defaults (the `model:` section of a config).
@@ -239,8 +252,10 @@ class Captioner(nn.Module):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if not (self._lm_is_referenced() and k.startswith("decoder.lm."))}
+        full = self.state_dict()
+        tied = _tied_names(full)
+        state = {k: v.detach().cpu().contiguous() for k, v in full.items()
+                 if k not in tied and not (self._lm_is_referenced() and k.startswith("decoder.lm."))}
         tmp = out / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / "model.safetensors")
@@ -286,7 +301,9 @@ class Captioner(nn.Module):
         except RuntimeError as e:  # a tensor of the wrong shape: the config does not fit the weights
             detail = " ".join(str(e).split("\n")[1:2]).strip() or str(e).splitlines()[0]
             raise CheckpointError(f"{d}: weights do not match the config ({detail})") from None
-        missing = [k for k in missing if not (model._lm_is_referenced() and k.startswith("decoder.lm."))]
+        tied = _tied_names(model.state_dict())
+        missing = [k for k in missing if k not in tied
+                   and not (model._lm_is_referenced() and k.startswith("decoder.lm."))]
         if missing or unexpected:
             raise CheckpointError(f"{d}: weights do not match the config (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
