@@ -9,12 +9,14 @@
       manifest.jsonl                 the merged manifest: one line per pair, sorted
       .tmp/                          temp files of writes in flight (removed at the end of a run)
 
-Durability: an image is written to `.tmp/`, fsync'd and renamed into place (os.replace is
-atomic), and only then is its manifest line appended; a batch's lines go out in one write
-followed by fsync. A pair is complete when its line exists and its image file has the recorded
-size (or the line says the safety checker flagged it). So a kill at any moment loses at most the
-batch in flight, and a torn last line (kill inside a write) is ignored when reading and cut off
-before the next append.
+Durability: an image is written to `.tmp/` and renamed into place (os.replace is atomic), and
+only then is its manifest line appended; a batch's lines go out in one write followed by fsync.
+A pair is complete when its line exists and its image file has the recorded size (or the line
+says the safety checker flagged it). So a kill at any moment loses at most the batch in flight,
+and a torn last line (kill inside a write) is ignored when reading and cut off before the next
+append. Images are not fsync'd one by one (8 ms each on a plain disk, see bench/bench_synth.py):
+a process kill cannot lose page-cache data, and after a power cut an image whose data never
+reached the disk shows up with the wrong size (empty) and is generated again.
 
 Merge: the union of `manifest.jsonl` and all parts, one row per (caption_id, image_index) (the
 latest `created` wins), with the latest CLIP score of any line or score part laid over it
@@ -62,16 +64,17 @@ def tmp_dir(folder: str | Path, rank: int) -> Path:
 # writing
 
 
-def atomic_write(path: Path, data: bytes, tmp: Path) -> None:
+def atomic_write(path: Path, data: bytes, tmp: Path, fsync: bool = True) -> None:
     """Write `data` to `path` so that `path` is either absent/old or complete: write a temp file
-    in `tmp` (same filesystem), fsync it, then os.replace it onto `path`."""
+    in `tmp` (same filesystem), optionally fsync it, then os.replace it onto `path`."""
     tmp.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = tmp / f"{path.name}.{os.getpid()}.tmp"
     with open(temp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(temp, path)
 
 
