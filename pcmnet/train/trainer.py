@@ -255,15 +255,20 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
         raise ConfigError(f"mode '{cfg.mode}' is not available in this build")
 
     collate = Collate(model.tokenizer, cfg.model.max_len)
+    # Each DataLoader iterator draws its worker base seed from `generator`; without its own
+    # generator that draw comes from the global torch RNG, and the iterator a resumed run creates
+    # mid-epoch would shift the dropout / noise stream away from the uninterrupted run's.
     loader = torch.utils.data.DataLoader(PairDataset(view, pairs), batch_size=cfg.optim.batch_size,
                                          sampler=EpochSampler(len(pairs), cfg.run.seed), collate_fn=collate,
-                                         num_workers=cfg.run.num_workers)
+                                         num_workers=cfg.run.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.run.seed))
     val_loader = None
     if cfg.data.val is not None:
         _, val_view, val_pairs = paired_data(cfg, backbone, accelerator, fields,
                                              load_corpus(cfg.data.val, require_captions=True, require_images=True))
         val_loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-            PairDataset(val_view, val_pairs), batch_size=cfg.optim.batch_size, collate_fn=collate))
+            PairDataset(val_view, val_pairs), batch_size=cfg.optim.batch_size, collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.run.seed)))
     return run_loop(cfg, accelerator, model, loader, step_fn, out, last, val_loader)
 
 
