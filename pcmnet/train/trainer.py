@@ -318,6 +318,7 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
             if cfg.optim.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the lr this step used (logged with it)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -327,7 +328,7 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
             if state.step % cfg.run.log_every == 0 or state.step == total:
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
                 rec = {"step": state.step, "epoch": state.epoch, "loss": round(mean_loss, 5),
-                       "lr": scheduler.get_last_lr()[0], "steps_per_s": round(seen / (time.time() - t0), 3)}
+                       "lr": lr, "steps_per_s": round(seen / (time.time() - t0), 3)}
                 bar.set_postfix(loss=f"{mean_loss:.3f}")
                 accelerator.log({"train/loss": mean_loss, "train/lr": rec["lr"]}, step=state.step)
                 if accelerator.is_main_process:
