@@ -302,6 +302,8 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
         accelerator.init_trackers("pcmnet", config=flat)
 
     log_path = out / "train_log.jsonl"
+    if last is not None and accelerator.is_main_process:
+        _truncate_log(log_path, state.step)
     t0, seen = time.time(), 0
     from tqdm.auto import tqdm
 
@@ -373,6 +375,23 @@ def _validate(cfg, accelerator, model, val_loader, step_fn, state: TrainState) -
     if accelerator.is_main_process:
         log.info("step %d: val loss %.4f", state.step, val)
     return val
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop the log lines of steps after the checkpoint (written before a kill, and
+    about to be redone) and a last line cut by the kill, so the log holds each step once."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
