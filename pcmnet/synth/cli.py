@@ -120,6 +120,7 @@ def run_generate(args) -> int:
 
 
 def run_score(args) -> int:
+    from .generate import process_device
     from .score import load_scorer, score_folder
     from .shard import process_state
 
@@ -130,7 +131,7 @@ def run_score(args) -> int:
 
         raise PcmnetError("synth score: --backbone none scores nothing (choose mini, open_clip or hf-clip)")
     state = process_state()
-    backbone = load_scorer(cfg.backbone, cfg.device or state.device)
+    backbone = load_scorer(cfg.backbone, process_device(cfg.device, state))
     score_folder(args.manifest, backbone, cfg.score_batch_size)
     return 0
 

@@ -91,6 +91,12 @@ def model_name(model: str) -> str:
 # the pipeline
 
 
+def process_device(wanted: str | None, state) -> str:
+    """The config's device, except that a bare "cuda" (or none) means this process's own GPU
+    (cuda:LOCAL_RANK under accelerate), so N processes never pile onto cuda:0."""
+    return str(state.device) if wanted in (None, "", "cuda") else wanted
+
+
 def resolve_dtype(name: str, device: str):
     """(torch dtype, name actually used). CPU always runs fp32 (half precision there is slow or
     unsupported in many kernels)."""
@@ -146,7 +152,7 @@ def load_pipeline(cfg: SynthConfig, device: str):
     return pipe, dtype_name
 
 
-# zlib level 1: ~5x faster than PIL's default 6 on 512x512 photos for ~7% larger files
+# zlib level 1: ~5x faster than PIL's default 6 on 512x512 photos for ~7-15% larger files
 # (bench/bench_synth.py); encoding is CPU time the GPU spends waiting.
 PNG_COMPRESS_LEVEL = 1
 
@@ -190,7 +196,7 @@ def generate(cfg: SynthConfig, pipe=None, backbone=None) -> dict:
     cfg.check()
     state = process_state()
     rank, world = state.process_index, state.num_processes
-    device = cfg.device or str(state.device)
+    device = process_device(cfg.device, state)
     folder = Path(cfg.out)
     folder.mkdir(parents=True, exist_ok=True)
     mf.clear_tmp(folder, rank)
