@@ -4,7 +4,6 @@ The command line, accelerate sharding and kill -9 resumption are in test_synth_c
 """
 import hashlib
 import json
-import warnings
 
 import numpy as np
 import pytest

@@ -109,6 +109,9 @@ def test_cli_jobs_and_one_line_errors(setup, tmp_path, capsys):
         (base + ["--scheduler", "fastest"], "config key 'scheduler' is 'fastest'"),
         (["synth", "--model", "m", "--out", "o"], "config key 'captions.path' is empty"),
         (["synth", "score", "--manifest", str(out), "--backbone", "none"], "scores nothing"),
+        (["synth", "score", "--manifest", str(out), "--backbone", "clip"], "'backbone.name' is 'clip'"),
+        (["synth", "score", "--manifest", str(tmp_path), "--backbone", "mini"], "not a pcmnet synth folder"),
+        (["synth", "merge", "--manifest", str(tmp_path / "nothing")], "not a pcmnet synth folder"),
         (["synth", "export", "--manifest", str(out), "--out", str(tmp_path / "hf")], "not empty"),
     ]
     for argv, message in cases:

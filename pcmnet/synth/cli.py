@@ -121,6 +121,7 @@ def run_generate(args) -> int:
 
 def run_score(args) -> int:
     from .generate import process_device
+    from .manifest import check_folder
     from .score import load_scorer, score_folder
     from .shard import process_state
 
@@ -130,22 +131,17 @@ def run_score(args) -> int:
         from ..errors import PcmnetError
 
         raise PcmnetError("synth score: --backbone none scores nothing (choose mini, open_clip or hf-clip)")
+    folder = check_folder(args.manifest)  # before loading a backbone for nothing
     state = process_state()
     backbone = load_scorer(cfg.backbone, process_device(cfg.device, state))
-    score_folder(args.manifest, backbone, cfg.score_batch_size)
+    score_folder(folder, backbone, cfg.score_batch_size)
     return 0
 
 
 def run_merge(args) -> int:
-    from pathlib import Path
-
-    from ..data.records import DataError
     from . import manifest as mf
 
-    folder = Path(args.manifest)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder")
-    path = mf.write_merged(folder)
+    path = mf.write_merged(mf.check_folder(args.manifest))
     print(f"{path}: {sum(1 for _ in open(path))} pairs")
     return 0
 

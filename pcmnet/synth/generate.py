@@ -106,7 +106,7 @@ def resolve_dtype(name: str, device: str):
     if name == "auto":
         name = "fp32" if on_cpu else "fp16"
     if on_cpu and name != "fp32":
-        warnings.warn(f"dtype {name} requested on CPU; using fp32", stacklevel=2)
+        warnings.warn(f"dtype {name} requested on CPU; using fp32")  # shown once per run
         name = "fp32"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name], name
 
@@ -128,7 +128,6 @@ def set_scheduler(pipe, name: str) -> None:
 def load_pipeline(cfg: SynthConfig, device: str):
     """A diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, ...) from a hub id or local dir, on
     `device`, in the config's dtype, with the chosen scheduler. Returns (pipe, dtype name)."""
-    import torch
     from diffusers import AutoPipelineForText2Image
 
     dtype, dtype_name = resolve_dtype(cfg.dtype, device)
@@ -147,9 +146,7 @@ def load_pipeline(cfg: SynthConfig, device: str):
         pipe.safety_checker = None
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        pipe = pipe.to(device)
-    return pipe, dtype_name
+    return pipe.to(device), dtype_name
 
 
 # zlib level 1: ~5x faster than PIL's default 6 on 512x512 photos for ~7-15% larger files

@@ -230,6 +230,14 @@ def completed_keys(folder: str | Path, wanted: set[Key] | None = None,
             if (wanted is None or pair_key(r) in wanted) and is_complete(folder, r)}
 
 
+def check_folder(folder: str | Path) -> Path:
+    """`folder` as a Path, or a one-line DataError if it holds no manifest (merged or parts)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists() and not any(folder.glob("manifest.part-*.jsonl")):
+        raise DataError(f"{folder}: no {MANIFEST} or manifest.part-*.jsonl here (not a pcmnet synth folder)")
+    return folder
+
+
 def read_manifest_records(path: str | Path, include_nsfw: bool = False) -> list[Record]:
     """Records of a synthetic corpus (`load_corpus(..., format="manifest")`): one per pair, with
     `file` (absolute), one caption and its `caption_id`, and `meta` (clip_score, seed, nsfw,
@@ -237,9 +245,7 @@ def read_manifest_records(path: str | Path, include_nsfw: bool = False) -> list[
     `include_nsfw` (they have no image file)."""
     path = Path(path)
     if path.is_dir():
-        if not (path / MANIFEST).exists() and not any(path.glob("manifest.part-*.jsonl")):
-            raise DataError(f"{path}: no {MANIFEST} or manifest.part-*.jsonl here (not a pcmnet synth folder)")
-        rows, root = merged_rows(path), path
+        rows, root = merged_rows(check_folder(path)), path
     else:
         rows, root = merge_rows(read_jsonl(path)), path.parent
     out = []

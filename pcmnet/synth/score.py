@@ -16,17 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone, BackboneConfig
+from ..config import ConfigError
 from ..data.records import Record
 from . import manifest as mf
 from .shard import owns, process_state
 
 log = logging.getLogger("pcmnet.synth")
+BACKBONES = ("mini", "open_clip", "hf-clip", "hf_clip")  # what load_backbone knows
 
 
 def load_scorer(cfg: BackboneConfig, device: str | torch.device | None = None) -> Backbone | None:
     """The backbone a config names, or None for name 'none' (no inline scoring)."""
     if cfg.name == "none":
         return None
+    if cfg.name not in BACKBONES:
+        raise ConfigError(f"config key 'backbone.name' is '{cfg.name}' (one of: {', '.join(BACKBONES)}, none)")
     from ..backbones.base import load_backbone
 
     return load_backbone(cfg, device=str(device) if device is not None else None)
@@ -56,7 +60,7 @@ def score_folder(folder: str | Path, backbone: Backbone, batch_size: int = 64) -
     """
     from ..data.images import image_loader
 
-    folder = Path(folder)
+    folder = mf.check_folder(folder)
     state = process_state()
     rank, world = state.process_index, state.num_processes
     mf.clear_tmp(folder, rank)
