@@ -187,6 +187,8 @@ def clip_scores(captions: list[str], backbone=None, images: list | None = None,
         flat = [r for rs in refs for r in rs]
         if backbone is None:
             raise ValueError("RefCLIP-S needs the backbone to embed the references")
+        if not all(refs):
+            raise ValueError("RefCLIP-S needs at least one reference per caption")
         flat_embeds = embed_captions(backbone, flat, prefix)
         ref_embeds = list(torch.split(flat_embeds, [len(rs) for rs in refs]))
         out["RefCLIP-S"] = float(harmonic_mean(per_image, ref_similarity(t, ref_embeds, ref_weight)).mean())
