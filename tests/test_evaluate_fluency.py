@@ -81,6 +81,15 @@ def test_perplexity_without_bos_scores_from_the_second_token():
     assert Fl.perplexity(["", "dog"], lm)["perplexity"] is None
 
 
+def test_load_lm_from_a_saved_directory(tmp_path):
+    lm, tok = tiny_lm()
+    lm.model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    loaded = Fl.load_lm(str(tmp_path / "lm"), device="cpu")
+    assert Fl.perplexity(CAPS, loaded)["perplexity"] == pytest.approx(Fl.perplexity(CAPS, lm)["perplexity"],
+                                                                       rel=1e-6)
+
+
 def test_load_lm_errors(monkeypatch, tmp_path):
     from pcmnet.errors import MissingWeightsError, PcmnetError
 

@@ -129,14 +129,26 @@ def run(args) -> int:
 
     from .. import __version__
     from ..data.readers import CorpusConfig, load_corpus
-    from .metrics import ALL_SCORERS, evaluate_captions
+    from ..errors import MissingWeightsError
+    from .fluency import load_lm
+    from .metrics import ALL_SCORERS, evaluate_captions, require_java
     from .predictions import match_predictions, read_predictions
 
     records = load_corpus(CorpusConfig(path=args.references, images=args.images, split=args.split,
                                        split_file=args.split_file), require_captions=True)
     preds = read_predictions(args.predictions)
     matched = match_predictions(preds, records, images_dir=args.images, source=args.predictions)
+    require_java()
 
+    # load the models before the minutes of scoring, so that a bad --backbone / --lm fails at once
+    lm, lm_reason = None, "disabled with --lm none"
+    if args.lm != "none":
+        try:
+            lm = load_lm(args.lm, device=args.device)
+        except MissingWeightsError as e:
+            if args.lm != "auto":
+                raise
+            lm_reason = str(e)
     backbone, no_clip_reason = None, None
     if args.no_clip:
         no_clip_reason = "disabled with --no-clip"
@@ -146,8 +158,7 @@ def run(args) -> int:
         backbone = _load_backbone(args)
 
     result = evaluate_captions(
-        matched.predictions, matched.references, images=matched.images, backbone=backbone,
-        lm=None if args.lm == "none" else args.lm,
+        matched.predictions, matched.references, images=matched.images, backbone=backbone, lm=lm,
         metrics=tuple(m for m in ALL_SCORERS if not (args.no_spice and m == "SPICE")),
         clip_prefix=args.clip_prefix, ref_weight=args.ref_weight, max_length=args.max_length,
         batch_size=args.batch_size)
@@ -156,8 +167,8 @@ def run(args) -> int:
     if args.no_spice:
         result["metrics"]["SPICE"] = None
         result["skipped"]["SPICE"] = "disabled with --no-spice"
-    if args.lm == "none":
-        result["skipped"]["perplexity"] = "disabled with --lm none"
+    if lm is None:
+        result["skipped"]["perplexity"] = lm_reason
     try:
         cocoeval_version = version("pycocoevalcap")
     except PackageNotFoundError:
