@@ -87,6 +87,7 @@ def add_parser(sub) -> None:
     t = jobs.add_parser("tiny", help="save a tiny random SD pipeline (offline tests and smoke runs)")
     t.add_argument("--out", required=True, help="folder for the pipeline (diffusers format)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--kind", choices=("sd", "sdxl"), default="sd", help="shaped like SD 1.x (default) or SDXL")
     t.set_defaults(func=run_tiny)
 
 
@@ -158,6 +159,6 @@ def run_export(args) -> int:
 def run_tiny(args) -> int:
     from .tiny import build_tiny_pipeline
 
-    build_tiny_pipeline(args.out, seed=args.seed)
+    build_tiny_pipeline(args.out, seed=args.seed, kind=args.kind)
     print(args.out)
     return 0
