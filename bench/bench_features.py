@@ -6,8 +6,9 @@ a fresh cache (hashing, loading, encoding and writing shards all included), and 
 rerun (everything already cached: hash the files, read the index). Same backbone, same images,
 same process, same threads.
 
-Backbone/images: the real `mini` backbone on the 150 coco-mini `test` photos when both are here;
-otherwise the toy backbone of the tests on generated images (the script says which and why).
+Backbone/images: the real `mini` backbone on the 150 coco-mini `test` photos when both are here
+(with untrained heads if the bundled heads file is missing: same towers, same compute); otherwise the
+toy backbone of the tests on generated images (the script says which and why).
 
     python bench/bench_features.py [--repeats 2] [--num-workers 0]
 """
@@ -31,6 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 
 
+def load_mini():
+    """The mini backbone; with untrained heads (same towers, same compute) if the bundled heads are
+    not there."""
+    from pcmnet.backbones.base import load_backbone
+    from pcmnet.errors import MissingWeightsError
+
+    try:
+        bb = load_backbone("mini", device="cpu")
+        return bb, f"mini backbone ({bb.fingerprint()}, 4 TTA views)"
+    except MissingWeightsError:
+        from pcmnet.backbones.mini import MiniBackbone
+
+        bb = MiniBackbone.bridge_only().freeze()
+        return bb, (f"mini backbone with untrained heads ({bb.fingerprint()}, 4 TTA views; the bundled "
+                    "heads are missing, the compute is the same)")
+
+
 def setup(n_toy: int, tmp: Path):
     """-> (backbone, records, description)."""
     why = None
@@ -38,12 +56,10 @@ def setup(n_toy: int, tmp: Path):
         why = f"coco-mini is absent ({COCO_MINI})"
     else:
         try:
-            from pcmnet.backbones.base import load_backbone
-
-            bb = load_backbone("mini", device="cpu")
+            bb, name = load_mini()
             recs = load_corpus(CorpusConfig(path=str(COCO_MINI / "captions.json"),
                                             split_file=str(COCO_MINI / "splits.json"), split="test"))
-            return bb, recs, f"mini backbone ({bb.fingerprint()}) on {len(recs)} coco-mini test photos"
+            return bb, recs, f"{name} on {len(recs)} coco-mini test photos"
         except (ImportError, PcmnetError) as e:
             why = f"mini backbone not usable ({type(e).__name__}: {e})"
     sys.path.insert(0, str(ROOT / "tests"))
