@@ -393,7 +393,7 @@ def test_export_round_trip(corpus, tiny_dir, tiny_pipe, tmp_path):
         s = synth[r.image_id]
         assert r.captions == s.captions
         assert r.image == open(s.file, "rb").read()
-        assert (r.meta["clip_score"], r.meta["seed"], r.meta["caption_id"]) == \
+        assert (r.meta["clip_score"], r.meta["seed"], r.caption_ids[0]) == \
             (s.meta["clip_score"], s.meta["seed"], s.caption_ids[0])
 
     import datasets
@@ -408,6 +408,12 @@ def test_export_round_trip(corpus, tiny_dir, tiny_pipe, tmp_path):
         s = synth[row["image_id"]]
         assert row["image"]["bytes"] == open(s.file, "rb").read() and row["caption"] == s.captions[0]
         assert (row["clip_score"], row["seed"]) == (s.meta["clip_score"], s.meta["seed"])
+    back = load_corpus(CorpusConfig(path=str(pq)))  # format auto -> hf (parquet shards)
+    assert sorted(r.image_id for r in back) == sorted(synth)
+    for r in back:
+        s = synth[r.image_id]
+        assert (r.captions, r.caption_ids, r.image) == (s.captions, s.caption_ids, open(s.file, "rb").read())
+        assert r.meta["clip_score"] == s.meta["clip_score"]
 
     with pytest.raises(PcmnetError, match="not empty"):
         export(out, tmp_path / "hf")

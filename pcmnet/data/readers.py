@@ -267,10 +267,17 @@ def read_hf(path, split: str | None = None, caption_column=None, image_column=No
     import datasets
 
     p = Path(path)
-    if p.exists():
+    saved = p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    if p.exists() and not saved:  # parquet: one file, or a folder of shards (data/train-*.parquet)
+        files = [str(p)] if p.is_file() else sorted(str(f) for f in p.rglob("*.parquet"))
+        try:
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        except Exception as e:  # datasets raises several types here
+            raise DataError(f"{p}: cannot read parquet ({type(e).__name__}: {e})") from None
+    elif p.exists():
         try:
             ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # datasets raises several types here
+        except Exception as e:
             raise DataError(f"{p}: not a saved Hugging Face dataset ({e})") from None
     else:
         try:
@@ -286,6 +293,7 @@ def read_hf(path, split: str | None = None, caption_column=None, image_column=No
     cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, path, "caption", required=False)
     img_col = _pick(columns, image_column, IMAGE_COLUMNS, path, "image", required=False)
     id_col = _pick(columns, id_column, ID_COLUMNS, path, "id", required=False)
+    cid_col = "caption_id" if "caption_id" in columns and id_col != "caption_id" else None
     if img_col and isinstance(ds.features.get(img_col), datasets.Image):
         ds = ds.cast_column(img_col, datasets.Image(decode=False))  # keep bytes; decode lazily
     out = []
@@ -308,9 +316,15 @@ def read_hf(path, split: str | None = None, caption_column=None, image_column=No
                 file = v
             else:
                 image = v
-        meta = {k: row[k] for k in columns if k not in (cap_col, img_col, id_col)
+        cids = []
+        if cid_col and row[cid_col] is not None:  # one caption per row with its own id (synth exports)
+            cids = list(row[cid_col]) if isinstance(row[cid_col], list) else [str(row[cid_col])]
+            if len(cids) != len(caps):
+                cids = []
+        meta = {k: row[k] for k in columns if k not in (cap_col, img_col, id_col, cid_col)
                 and isinstance(row[k], (int, float, str, bool))}
-        out.append(Record(image_id=image_id, file=file, captions=caps, image=image, meta=meta))
+        out.append(Record(image_id=image_id, file=file, captions=caps, caption_ids=cids, image=image,
+                          meta=meta))
     return out
 
 
@@ -325,6 +339,8 @@ def detect_format(path: str) -> str:
             return "manifest"
         if any((p / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
             return "hf"
+        if any(p.glob("*.parquet")) or any((p / "data").glob("*.parquet")):
+            return "hf"  # parquet shards (e.g. `pcmnet synth export --format parquet`)
         return "folder"
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
