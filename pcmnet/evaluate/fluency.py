@@ -157,14 +157,14 @@ def perplexity(captions: list[str], lm: LanguageModel, batch_size: int = 16) -> 
     for c in captions:
         ids = list(tok(c, add_special_tokens=False)["input_ids"])
         seqs.append(([prefix] if prefix is not None else []) + ids)
+    # position 0 (BOS, or the first caption token when there is none) is context only; batches
+    # of similar lengths waste less padding (the total does not depend on the order)
+    seqs = sorted((s for s in seqs if len(s) > 1), key=len)
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     with torch.inference_mode():
         for i in tqdm(range(0, len(seqs), batch_size), desc="LM perplexity", unit="batch", disable=None):
-            # position 0 (BOS, or the first caption token when there is none) is context only
-            batch = [s for s in seqs[i: i + batch_size] if len(s) > 1]
-            if not batch:
-                continue
+            batch = seqs[i: i + batch_size]
             width = max(map(len, batch))
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
