@@ -199,11 +199,13 @@ def _tokenizer_for(cfg: TrainConfig, out: Path, captions: list[str], accelerator
     if cfg.model.decoder != "transformer":
         return None
     path = out / "tokenizer" / "vocab.json"
-    if not path.exists():
-        if accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Vocab.build(captions, cfg.model.vocab_min_count, cfg.model.vocab_max_size).save(path)
-        accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        Vocab.build(captions, cfg.model.vocab_min_count, cfg.model.vocab_max_size).save(tmp)
+        tmp.replace(path)
+    # every process waits here: a rank that already sees the file must not skip the barrier
+    accelerator.wait_for_everyone()
     return Vocab.load(path)
 
 
