@@ -22,7 +22,7 @@ import torch
 
 from .data.readers import is_image_file, read_folder
 from .data.records import DataError, Record
-from .errors import MissingWeightsError
+from .errors import CheckpointError, MissingWeightsError
 
 log = logging.getLogger("pcmnet")
 
@@ -68,9 +68,10 @@ def load_captioner(model=None, backbone=None, device: str | None = None):
         if model is None and not (model_dir / "config.json").exists():
             raise MissingWeightsError(f"the bundled default model is missing from {model_dir}; "
                                       "reinstall pcmnet or pass --model DIR")
+        if not (model_dir / "config.json").is_file():  # before loading (the default) backbone
+            raise CheckpointError(f"{model_dir}: not a pcmnet model directory (no config.json)")
         if backbone is None:
-            spec = json.loads((model_dir / "config.json").read_text())["backbone"]["spec"] \
-                if (model_dir / "config.json").exists() else None
+            spec = json.loads((model_dir / "config.json").read_text())["backbone"]["spec"]
             backbone = load_backbone(spec, device=device)
         model = Captioner.from_pretrained(model_dir, backbone=backbone)
     elif backbone is None:
