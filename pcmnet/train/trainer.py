@@ -310,7 +310,7 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
         accelerator.init_trackers("pcmnet", config=flat)
 
     log_path = out / "train_log.jsonl"
-    if last is not None and accelerator.is_main_process:
+    if accelerator.is_main_process:  # a fresh start (step 0) also drops a never-checkpointed run's log
         _truncate_log(log_path, state.step)
     t0, seen = time.time(), 0
     from tqdm.auto import tqdm
@@ -386,8 +386,9 @@ def _validate(cfg, accelerator, model, val_loader, step_fn, state: TrainState) -
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop the log lines of steps after the checkpoint (written before a kill, and
-    about to be redone) and a last line cut by the kill, so the log holds each step once."""
+    """Drop the log lines of steps after the starting checkpoint (written before a kill, and about
+    to be redone; all of them when starting at step 0) and a last line cut by the kill, so the log
+    holds each step once."""
     if not path.exists():
         return
     keep = []
