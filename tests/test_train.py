@@ -199,6 +199,21 @@ def test_run_directory_safety(seeded_runs, corpus):
     assert (out / "run" / "train_log.jsonl").read_text() == before
 
 
+def test_max_steps_and_a_stale_log(corpus, tmp_path):
+    # a first attempt killed before its first checkpoint left log lines behind
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n{"st')
+    final = run_api(corpus, tmp_path, epochs=6, optim={"max_steps": 5, "schedule": "cosine"},
+                    run={"save_every": 0})
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and all(r["loss"] < 9 for r in log)
+    # cosine over the 5 steps of the run (warm-up 5): the last step is the end of the warm-up
+    assert [r["lr"] for r in log] == pytest.approx([3e-3 * s / 5 for s in range(1, 6)])
+    assert json.loads((run / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())["step"] == 5
+    assert (final / "model.safetensors").exists()
+
+
 def test_unknown_mode(corpus, tmp_path):
     with pytest.raises(ConfigError, match="unknown mode 'magic'"):
         run_api(corpus, tmp_path, overrides=["mode=magic"])
