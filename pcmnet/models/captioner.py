@@ -162,6 +162,8 @@ class Captioner(nn.Module):
     # ------------------------------------------------------------------ forward
     def image_fields(self) -> tuple[str, ...]:
         """The backbone image features this model reads (what the feature cache must hold)."""
+        if self.cfg.decoder == "prefix_lm":
+            return ("embeds",)  # the prefix is mapped from g alone, whatever `inputs` says
         return {"global": ("embeds",), "global_patches": ("embeds", "patches"),
                 "global_local": ("embeds", "patch_embeds"),
                 "pcm": ("embeds", "patches", "patch_embeds")}[self.cfg.inputs]
