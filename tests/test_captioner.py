@@ -238,21 +238,27 @@ def test_unknown_architecture_values(toy):
 # prefix-LM (ClipCap) captioner with a tiny random GPT-2
 
 
-@pytest.fixture(scope="module")
-def lm_tokenizer_dir(tmp_path_factory):
+def word_level_lm_tokenizer(d, captions) -> int:
+    """Save a Hugging Face word-level tokenizer (eos <|endoftext|> = id 0) for `captions` to `d`;
+    returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<|endoftext|>": 0, "[UNK]": 1}
-    for w in sorted({w for c in CAPTIONS for w in c.split()}):
+    for w in sorted({w for c in captions for w in c.split()}):
         vocab[w] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece()
+    tk.decoder = decoders.WordPiece()  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="[UNK]")
-    d = tmp_path_factory.mktemp("lm_tok")
     fast.save_pretrained(str(d))
-    return d, len(vocab)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm_tok")
+    return d, word_level_lm_tokenizer(d, CAPTIONS)
 
 
 def lm_cfg(tok, **kw):

@@ -214,6 +214,30 @@ def test_max_steps_and_a_stale_log(corpus, tmp_path):
     assert (final / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("variant", ["global", "global_local", "prefix_lm"])
+def test_other_architectures_train_save_and_load(corpus, tmp_path, variant):
+    if variant == "prefix_lm":
+        from test_captioner import word_level_lm_tokenizer
+
+        n = word_level_lm_tokenizer(tmp_path / "tok", [f"a {w} {v} thing" for w in WORDS for v in WORDS])
+        model = {"decoder": "prefix_lm", "prefix_len": 4, "freeze_lm": False,
+                 "lm_config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2,
+                               "vocab_size": n, "n_positions": 32, "bos_token_id": 0, "eos_token_id": 0,
+                               "tokenizer": str(tmp_path / "tok")}}
+    else:
+        model = {"inputs": variant}
+    final = run_api(corpus, tmp_path, epochs=2, model=model)
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == list(range(1, 7)) and log[-1]["loss"] < log[0]["loss"]
+    m = Captioner.from_pretrained(final, backbone=ToyBackbone())
+    assert m.image_fields() == {"global": ("embeds",), "global_local": ("embeds", "patch_embeds"),
+                                "prefix_lm": ("embeds",)}[variant]
+    f = ToyBackbone().encode_image(torch.randn(2, 3, 16, 16))
+    caps = m.generate(m.image_inputs({"embeds": f.embeds, "patches": f.patches,
+                                      "patch_embeds": f.patch_embeds}), beam_size=2, max_len=5)
+    assert len(caps) == 2
+
+
 def test_unknown_mode(corpus, tmp_path):
     with pytest.raises(ConfigError, match="unknown mode 'magic'"):
         run_api(corpus, tmp_path, overrides=["mode=magic"])
