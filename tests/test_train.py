@@ -255,6 +255,11 @@ def test_cli_unknown_key_and_print_config(corpus, tmp_path, capsys):
     assert printed["optim"]["lr"] == pytest.approx(1e-4) and printed["model"]["width"] == 32
     assert cli_main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+    # the real entry point: exit status 2 and one line on stderr
+    res = subprocess.run([sys.executable, "-m", "pcmnet", "train", str(cfg), "model.widht=3"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1 and "'model.widht'" in res.stderr
 
 
 # ------------------------------------------------------------------------------------------------
