@@ -62,13 +62,13 @@ class AlignConfig:
 
     steps: int | None = None
     views: int = 12
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float | None = None
     temperature: float = 0.07
     folds: int = 5
-    max_steps: int = 200
-    eval_every: int = 10
-    wd_grid: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0, 10.0])
+    max_steps: int = 100
+    eval_every: int = 5
+    wd_grid: list[float] = field(default_factory=lambda: [0.0, 1.0, 10.0])
     seed: int = 0
 
 
@@ -97,8 +97,8 @@ def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_owner: to
     # text->image: rank of the own image = number of other images scoring >= it
     own_score = sim.gather(0, owner[None, :]).squeeze(0)  # [T]
     t2i_rank = (sim.masked_fill(own, -math.inf) >= own_score[None, :]).sum(0)
-    return {"i2t": {k: 100.0 * (i2t_rank < k).float().mean().item() for k in ks},
-            "t2i": {k: 100.0 * (t2i_rank < k).float().mean().item() for k in ks}}
+    return {"i2t": {k: 100.0 * (i2t_rank < k).double().mean().item() for k in ks},
+            "t2i": {k: 100.0 * (t2i_rank < k).double().mean().item() for k in ks}}
 
 
 def rsum(recall: dict[str, dict[int, float]]) -> float:
@@ -212,22 +212,30 @@ def caption_table(backbone: MiniBackbone, records: list[Record]) -> tuple[torch.
     return backbone.embed_texts(texts), torch.tensor(owner, dtype=torch.long)
 
 
-def embed_fixed_views(head: MiniHead, test_feats: torch.Tensor) -> torch.Tensor:
-    """[R,4,1280] pooled fixed-view features -> TTA image embeddings [R,D] (as encode_image does)."""
+def embed_fixed_views(head: MiniHead, test_feats: torch.Tensor, bridge: torch.Tensor | None = None) -> torch.Tensor:
+    """[R,4,1280] pooled fixed-view features (and optionally their precomputed bridge outputs) ->
+    TTA image embeddings [R,D], computed as encode_image does."""
     with torch.no_grad():
-        return F.normalize(F.normalize(head(test_feats), dim=-1).mean(1), dim=-1)
+        return F.normalize(F.normalize(head(test_feats, bridge), dim=-1).mean(1), dim=-1)
+
+
+@torch.no_grad()
+def with_bridge(head: MiniHead, feats: dict) -> dict:
+    """Add the (frozen) bridge outputs of the cached features: "train_bridge", "test_bridge"."""
+    return {**feats, "train_bridge": head.bridge(feats["train"]), "test_bridge": head.bridge(feats["test"])}
 
 
 # ------------------------------------------------------------------------------------------------
 # training
 
 
-def train_head(head: MiniHead, feats: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, steps: int,
-               lr: float, weight_decay: float, temperature: float, seed: int, eval_every: int = 0,
+def train_head(head: MiniHead, feats: torch.Tensor, bridge: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
+               steps: int, lr: float, weight_decay: float, temperature: float, seed: int, eval_every: int = 0,
                evaluate=None, progress: bool = False) -> tuple[float, dict[int, float]]:
     """Train `head.residual` (and a temperature) for `steps` full-batch InfoNCE steps.
 
-    feats [R,V,1280] pooled features of R images' training views; txt [T,D] caption embeddings with
+    feats [R,V,1280] pooled features of R images' training views and bridge [R,V,D] their bridge
+    outputs (head.bridge(feats), precomputed: it is frozen); txt [T,D] caption embeddings with
     owner [T] in 0..R-1. Each step draws one view and one caption per image (images without captions
     are left out). If `evaluate` is given it is called as evaluate(head) -> score at step 0 and every
     `eval_every` steps. Returns (learned logit scale, {step: score}).
@@ -248,7 +256,7 @@ def train_head(head: MiniHead, feats: torch.Tensor, txt: torch.Tensor, owner: to
         view = torch.randint(feats.shape[1], (len(images),), generator=gen)
         pick = torch.stack([caps_of[i][torch.randint(len(caps_of[i]), (1,), generator=gen)][0]
                             for i in images.tolist()])
-        x = F.normalize(head(feats[images, view]), dim=-1)
+        x = F.normalize(head(feats[images, view], bridge[images, view]), dim=-1)
         loss = info_nce(x, txt[pick], logit_scale)
         opt.zero_grad()
         loss.backward()
@@ -288,10 +296,12 @@ def cross_validate(bridge: MiniHead, feats: dict, txt: torch.Tensor, owner: torc
             te_txt, te_owner = _subset_captions(txt, owner, te)
 
             def evaluate(head, te=te, te_txt=te_txt, te_owner=te_owner):
-                return rsum(retrieval_recall(embed_fixed_views(head, feats["test"][te]), te_txt, te_owner))
+                img = embed_fixed_views(head, feats["test"][te], feats["test_bridge"][te])
+                return rsum(retrieval_recall(img, te_txt, te_owner))
 
             head = fresh_head(bridge)
-            _, scores = train_head(head, feats["train"][tr], tr_txt, tr_owner, cfg.max_steps, cfg.lr, wd,
+            _, scores = train_head(head, feats["train"][tr], feats["train_bridge"][tr], tr_txt, tr_owner,
+                                   cfg.max_steps, cfg.lr, wd,
                                    cfg.temperature, cfg.seed + 10 + k, cfg.eval_every, evaluate)
             per_fold.append(scores)
             bar.update(1)
@@ -338,6 +348,7 @@ def align(backbone: MiniBackbone, records: list[Record], cfg: AlignConfig, eval_
     records, feats = usable(records, feats, "training data")
     txt, owner = caption_table(backbone, records)
     bridge = backbone.head
+    feats = with_bridge(bridge, feats)
     table = None
     if cfg.steps is None or cfg.weight_decay is None:
         if len(records) < 2 * cfg.folds:
@@ -349,7 +360,7 @@ def align(backbone: MiniBackbone, records: list[Record], cfg: AlignConfig, eval_
     else:
         wd, steps = cfg.weight_decay, cfg.steps
     head = fresh_head(bridge)
-    scale, _ = train_head(head, feats["train"], txt, owner, steps, cfg.lr, wd, cfg.temperature, cfg.seed,
+    scale, _ = train_head(head, feats["train"], feats["train_bridge"], txt, owner, steps, cfg.lr, wd, cfg.temperature, cfg.seed,
                           progress=True)
     result = AlignResult(head=head, steps=steps, weight_decay=wd, logit_scale=scale, cv_table=table)
     if eval_records:
@@ -372,5 +383,6 @@ def save_result(result: AlignResult, path: str | Path, extra: dict | None = None
     meta = {"format": "pcmnet-mini-heads", "steps": result.steps, "weight_decay": result.weight_decay,
             "logit_scale": result.logit_scale, **(extra or {})}
     if result.eval:
-        meta["eval"] = result.eval
+        meta["eval"] = {k: ({d: {K: round(v, 2) for K, v in r.items()} for d, r in v.items()}
+                            if isinstance(v, dict) else v) for k, v in result.eval.items()}
     save_heads(result.head, path, meta)

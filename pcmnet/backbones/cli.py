@@ -22,9 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="full-batch steps (default: cross-validated)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default: cross-validated)")
     p.add_argument("--views", type=int, default=12, help="augmented views per training image (default 12)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument("--max-steps", type=int, default=200, help="largest step count cross-validation tries")
+    p.add_argument("--max-steps", type=int, default=100, help="largest step count cross-validation tries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true",
                    help="keep features in memory only (default: cache them next to --out)")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.readers import CorpusConfig, load_corpus
     from ..errors import PcmnetError
     from .align import AlignConfig, align, format_recall, save_result
-    from .mini import MiniBackbone
+    from .mini import CLASS_PROMPTS, MiniBackbone
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         eval_cache = out.with_name(out.stem + ".eval-features.pt")
     result = align(backbone, records, cfg, eval_records, cache=cache, eval_cache=eval_cache)
     provenance = {"data": args.data, "split": args.split, "images": len(records), "views": args.views,
-                  "lr": args.lr, "seed": args.seed}
+                  "lr": args.lr, "seed": args.seed, "class_prompts": list(CLASS_PROMPTS)}
     save_result(result, out, {"trained_on": provenance})
     print(f"wrote {out} (steps={result.steps}, weight_decay={result.weight_decay:g}, "
           f"temperature={1 / torch.tensor(result.logit_scale).exp().item():.4f})")
