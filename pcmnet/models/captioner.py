@@ -21,10 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..config import from_dict, to_dict
+from ..backbones.base import ImageFeatures, TextFeatures
+from ..config import ConfigError, from_dict, to_dict
 from ..errors import CheckpointError
 from .decoder import TransformerCaptionDecoder
 from .encoder import VisualSemanticEncoder, VisualTokens
+from .pcm import PCMConfig, PCMTokens
+from .projection import ProjectionMemory
+from .textonly import TextOnly, TextOnlyConfig, text_only_token_builder
 from .search import beam_search, sample
 from .vocab import Vocab
 
@@ -68,7 +72,12 @@ class CaptionerConfig:
             "global_local" (g + joint-space local tokens: word features in text-only training,
             projected patches P' at inference), "pcm" (PCM-Net token builder, models/pcm.py).
     decoder: "transformer" (word vocabulary) or "prefix_lm" (ClipCap: prefix + causal LM).
-    noise_variance: Gaussian noise added to g before the global token, in training only.
+    noise_variance: Gaussian noise added to g before the global token, in training only (text-only
+            models take their noise from `text_only` instead).
+    pcm: PCM settings (inputs "pcm"); concepts: a concept directory from `pcmnet concepts` (None:
+            the trainer builds the `concepts_k` most frequent nouns of the training captions).
+    text_only: set for a text-only model (trained on caption embeddings, applied to images):
+            noise injection, projection memory and the FusionCap pieces (models/textonly.py).
     """
 
     decoder: str = "transformer"
@@ -91,6 +100,12 @@ class CaptionerConfig:
     mapper: str = "mlp"
     mapper_layers: int = 2
     freeze_lm: bool = True
+    # PCM-Net (inputs: pcm)
+    pcm: PCMConfig = field(default_factory=PCMConfig)
+    concepts: str | None = None
+    concepts_k: int = 400
+    # text-only models (CapDec / DeCap / FusionCap)
+    text_only: TextOnlyConfig | None = None
     # generation defaults
     beam_size: int = 3
     length_penalty: float = 0.0
@@ -114,22 +129,45 @@ class BackboneInfo:
 
 
 class Captioner(nn.Module):
+    """extras: json-able training information saved with the model (mode, corpus, counts, the
+    concept words, ...). concepts: the concept bank C [K,D] of a PCM model (None when loading: the
+    state dict restores it). memory / noise_variance: a text-only model's projection memory and
+    resolved noise level (None when loading)."""
+
     def __init__(self, cfg: CaptionerConfig, backbone: BackboneInfo, tokenizer, lm: nn.Module | None = None,
-                 extras: dict | None = None):
+                 extras: dict | None = None, concepts: torch.Tensor | None = None,
+                 memory: ProjectionMemory | None = None, noise_variance: float | None = None):
         super().__init__()
         if cfg.inputs not in INPUTS:
             raise ValueError(f"unknown model.inputs '{cfg.inputs}' (one of: {', '.join(INPUTS)})")
         self.cfg = cfg
         self.backbone_info = backbone
         self.tokenizer = tokenizer
-        self.extras = dict(extras or {})  # json-able training info saved with the model
+        self.extras = dict(extras or {})
         D, Dv, N = backbone.embed_dim, backbone.patch_dim, backbone.num_patches
+        self.text_only = None
+        if cfg.text_only is not None:
+            want = "global_local" if cfg.text_only.local_features else "global"
+            if cfg.decoder == "transformer" and cfg.inputs != want:
+                raise ConfigError(f"model.inputs must be '{want}' for a text-only model with "
+                                  f"text_only.local_features={cfg.text_only.local_features}")
+            if cfg.decoder == "prefix_lm" and cfg.text_only.local_features:
+                raise ConfigError("text_only.local_features needs model.decoder=transformer")
+            self.text_only = TextOnly(cfg.text_only, D, noise_variance or 0.0, memory)
         if cfg.decoder == "transformer":
-            # global_local: room for every patch token P' at inference (never silently drop patches)
-            max_local = max(cfg.max_local, N) if cfg.inputs == "global_local" else cfg.max_local
-            self.tokens = VisualTokens(D, Dv, N, cfg.width, use_patches=cfg.inputs == "global_patches",
-                                       use_local=cfg.inputs == "global_local", max_local=max_local,
-                                       noise_variance=cfg.noise_variance, dropout=cfg.dropout)
+            if self.text_only is not None:
+                self.tokens = text_only_token_builder(cfg.text_only, backbone, cfg.width, cfg.dropout)
+            elif cfg.inputs == "pcm":
+                if concepts is None:  # loading: the state dict fills the bank in
+                    concepts = torch.zeros(len(self.extras.get("concept_words", [])) or 1, D)
+                self.tokens = PCMTokens(cfg.pcm, concepts, D, Dv, N, cfg.width,
+                                        noise_variance=cfg.noise_variance, dropout=cfg.dropout)
+            else:
+                # global_local: room for every patch token P' at inference (never drop patches)
+                max_local = max(cfg.max_local, N) if cfg.inputs == "global_local" else cfg.max_local
+                self.tokens = VisualTokens(D, Dv, N, cfg.width, use_patches=cfg.inputs == "global_patches",
+                                           use_local=cfg.inputs == "global_local", max_local=max_local,
+                                           noise_variance=cfg.noise_variance, dropout=cfg.dropout)
             self.encoder = VisualSemanticEncoder(cfg.width, cfg.encoder_layers, cfg.heads, cfg.ffn, cfg.dropout)
             self.decoder = TransformerCaptionDecoder(len(tokenizer), cfg.width, cfg.decoder_layers, cfg.heads,
                                                      cfg.ffn, cfg.dropout, cfg.max_len, tokenizer.pad_id)
@@ -144,9 +182,9 @@ class Captioner(nn.Module):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def build(cls, cfg: CaptionerConfig, backbone, captions: list[str] | None = None, extras=None):
+    def build(cls, cfg: CaptionerConfig, backbone, captions: list[str] | None = None, extras=None, **parts):
         """A fresh captioner for `backbone` (a Backbone or BackboneInfo); the word vocabulary is
-        built from `captions` (the training corpus)."""
+        built from `captions` (the training corpus). parts: concepts / memory / noise_variance."""
         info = backbone if isinstance(backbone, BackboneInfo) else BackboneInfo.of(backbone)
         lm = None
         if cfg.decoder == "prefix_lm":
@@ -157,28 +195,51 @@ class Captioner(nn.Module):
             if not captions:
                 raise ValueError("building a word vocabulary needs the training captions")
             tokenizer = Vocab.build(captions, cfg.vocab_min_count, cfg.vocab_max_size)
-        return cls(cfg, info, tokenizer, lm=lm, extras=extras)
+        return cls(cfg, info, tokenizer, lm=lm, extras=extras, **parts)
 
     # ------------------------------------------------------------------ forward
     def image_fields(self) -> tuple[str, ...]:
         """The backbone image features this model reads (what the feature cache must hold)."""
+        if self.text_only is not None:
+            return ("embeds", "patch_embeds") if self.cfg.text_only.local_features else ("embeds",)
         if self.cfg.decoder == "prefix_lm":
             return ("embeds",)  # the prefix is mapped from g alone, whatever `inputs` says
         return {"global": ("embeds",), "global_patches": ("embeds", "patches"),
                 "global_local": ("embeds", "patch_embeds"),
                 "pcm": ("embeds", "patches", "patch_embeds")}[self.cfg.inputs]
 
+    def text_fields(self) -> tuple[str, ...]:
+        """The cached text features a text-only model trains on."""
+        return ("embeds", "tokens", "mask") if self.cfg.text_only.local_features else ("embeds",)
+
     def image_inputs(self, image_feats: dict) -> dict:
-        """Backbone image features -> the `feats` dict `encode` takes at inference (the hook where
-        text-only models move image features into the text region of the space)."""
-        return {k: image_feats[k] for k in self.image_fields()}
+        """Backbone image features -> the `feats` dict `encode` takes at inference. Text-only models
+        move the image into the text region of the space here (projection, local patch tokens)."""
+        if self.text_only is None:
+            return {k: image_feats[k] for k in self.image_fields()}
+        g = image_feats["embeds"]
+        if self.text_only.memory is not None:
+            self.text_only.memory.to(g.device)
+        feats, _ = self.text_only(ImageFeatures(embeds=g, patches=None,
+                                                patch_embeds=image_feats.get("patch_embeds")), train=False)
+        return feats
+
+    def train_inputs(self, feats: dict) -> tuple[dict, dict]:
+        """Training features -> (`feats` for `encode`, weighted auxiliary losses). Text-only models
+        get their caption's text features here and apply noise / projection / local tokens."""
+        if self.text_only is None:
+            return feats, {}
+        text = TextFeatures(embeds=feats["embeds"], tokens=feats.get("tokens"), mask=feats.get("mask"))
+        if self.text_only.memory is not None:
+            self.text_only.memory.to(text.embeds.device)
+        return self.text_only(text, train=True)
 
     def encode(self, feats: dict, train: bool | None = None):
         """Features -> what the decoder attends to: (memory, pad_mask) or the LM prefix."""
         train = self.training if train is None else train
         if self.cfg.decoder == "prefix_lm":
             g = feats["embeds"]
-            if train and self.cfg.noise_variance > 0:
+            if train and self.cfg.noise_variance > 0 and self.text_only is None:
                 g = g + torch.randn_like(g) * self.cfg.noise_variance ** 0.5
             return self.decoder.prefix(g), None
         if self.cfg.inputs == "global_local" and "local" not in feats:
@@ -195,10 +256,15 @@ class Captioner(nn.Module):
             return self.decoder(tokens, memory, token_pad)
         return self.decoder(tokens, memory, pad, token_pad)
 
-    def forward(self, feats: dict, tokens: torch.Tensor, token_pad: torch.Tensor | None = None):
-        """Teacher forcing: tokens [B,t] starting with bos -> logits [B,t,V]."""
+    def forward(self, feats: dict, tokens: torch.Tensor, token_pad: torch.Tensor | None = None,
+                return_aux: bool = False):
+        """Teacher forcing on training features: tokens [B,t] starting with bos -> logits [B,t,V]
+        (and the auxiliary losses of text-only models with `return_aux`). Everything trainable runs
+        inside this call, so a DistributedDataParallel wrapper sees all of it."""
+        feats, aux = self.train_inputs(feats)
         memory, pad = self.encode(feats)
-        return self.decode(memory, pad, tokens, token_pad)
+        logits = self.decode(memory, pad, tokens, token_pad)
+        return (logits, aux) if return_aux else logits
 
     def tokenize_captions(self, captions: list[str], device=None, ignore_index: int = IGNORE_INDEX):
         return caption_batch(self.tokenizer, captions, self.cfg.max_len, ignore_index, device)
@@ -265,6 +331,8 @@ class Captioner(nn.Module):
             self.tokenizer.save(out / "tokenizer")
         else:
             self.tokenizer.save(out / "vocab.json")
+        if self._memory_is_saved():
+            self.text_only.memory.save(out / MEMORY_FILE)
         meta = {"pcmnet_version": __version__, "model": to_dict(self.cfg),
                 "backbone": to_dict(self.backbone_info), "extras": self.extras}
         (out / "config.json.tmp").write_text(json.dumps(meta, indent=2))
@@ -295,8 +363,12 @@ class Captioner(nn.Module):
                                  if cfg.lm_config else None)
         else:
             tokenizer = Vocab.load(d / "vocab.json")
-        model = cls(cfg, info, tokenizer, lm=lm, extras=meta.get("extras"))
-        model.load_extra_state(d)
+        memory = None
+        if cfg.text_only is not None and cfg.text_only.uses_memory:
+            memory = load_memory(cfg.text_only, d / MEMORY_FILE, info.fingerprint)
+        extras = meta.get("extras") or {}
+        model = cls(cfg, info, tokenizer, lm=lm, extras=extras, memory=memory,
+                    noise_variance=extras.get("noise_variance"))
         state = load_file(str(d / "model.safetensors"), device=str(map_location))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -316,5 +388,22 @@ class Captioner(nn.Module):
         """A frozen pretrained LM is not copied into the checkpoint; it is reloaded by name."""
         return cfg.decoder == "prefix_lm" and cfg.freeze_lm and cfg.lm_config is None
 
-    def load_extra_state(self, model_dir: Path) -> None:
-        """Hook for parts that live in their own files (projection memory, concept bank)."""
+    def _memory_is_saved(self) -> bool:
+        """A memory built from the training captions is saved with the model; one given by
+        text_only.memory_path (e.g. another domain's captions) is referenced by that path."""
+        return self.text_only is not None and self.text_only.memory is not None \
+            and self.cfg.text_only.memory_path is None
+
+
+MEMORY_FILE = "memory.safetensors"
+
+
+def load_memory(cfg: TextOnlyConfig, saved: Path, fingerprint: str) -> ProjectionMemory:
+    """A text-only model's projection memory: cfg.memory_path if set, else the copy saved with the
+    model; its backbone fingerprint must match; temperature / top-k / budget come from cfg."""
+    path = Path(cfg.memory_path) if cfg.memory_path else saved
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the projection memory of this text-only model is missing")
+    memory = ProjectionMemory.load(path, fingerprint=fingerprint, budget_mb=cfg.memory_budget_mb)
+    memory.temperature, memory.top_k = cfg.projection_temperature, cfg.projection_top_k
+    return memory

@@ -53,9 +53,15 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
+    """train: the training corpus (image-caption pairs; captions only for text_only).
+    val: optional pairs for a validation loss. unlabeled: images without captions (semi).
+    paired: image-caption pairs used only to measure the image/text gap for
+    `model.text_only.noise_variance: auto` (text_only)."""
+
     train: CorpusConfig = field(default_factory=CorpusConfig)
     val: CorpusConfig | None = None
     unlabeled: CorpusConfig | None = None
+    paired: CorpusConfig | None = None
 
 
 @dataclass

@@ -25,13 +25,14 @@ class LossConfig:
 
     smoothing:   label smoothing eps
     focal_gamma: focal exponent gamma (0 = off)
-    clip_weight: weight each pair by its CLIP score when the corpus has one (synthetic pairs)
+    clip_weight: weight each pair by its CLIP score s = max(cos(g(x), t(c)), 0), computed once per
+                 pair from the cached backbone features (PCM-Net on synthetic pairs)
     clip_alpha:  alpha of the weight clamp(alpha * cos, 0, 1)
     """
 
     smoothing: float = 0.1
     focal_gamma: float = 0.0
-    clip_weight: bool = True
+    clip_weight: bool = False
     clip_alpha: float = 2.5
 
 

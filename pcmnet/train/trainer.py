@@ -34,11 +34,12 @@ import yaml
 from ..backbones.base import load_backbone
 from ..config import ConfigError, to_dict
 from ..data.readers import load_corpus
+from ..data.records import iter_captions
 from ..errors import PcmnetError
 from ..models.captioner import IGNORE_INDEX, Captioner, caption_batch
 from ..models.vocab import Vocab
 from .config import MODES, TrainConfig
-from .losses import weighted_label_smoothed_ce
+from .losses import clip_pair_weights, weighted_label_smoothed_ce
 
 log = logging.getLogger("pcmnet")
 
@@ -101,18 +102,105 @@ class Collate:
         return {"feats": feats, "inputs": inp, "targets": tgt, "input_pad": pad, "weights": weights}
 
 
-def paired_data(cfg: TrainConfig, backbone, accelerator, fields: tuple[str, ...], records=None):
-    """Image features (`fields`) of the training corpus and one Pair per (image, caption)."""
+def paired_data(cfg: TrainConfig, backbone, accelerator, fields: tuple[str, ...], records):
+    """Image features (`fields`) of the corpus and one Pair per (image, caption); with
+    loss.clip_weight each pair is weighted by its CLIP score (`pair_clip_scores`)."""
     from ..features.cache import extract_image_features
 
-    records = records if records is not None else load_corpus(cfg.data.train, require_captions=True,
-                                                              require_images=True)
+    fields = tuple(dict.fromkeys(("embeds",) + tuple(fields)))  # the CLIP score needs g
     view = extract_image_features(records, backbone, cfg.run.cache_dir, fields=fields,
                                   accelerator=accelerator, progress=accelerator.is_main_process)
-    pairs = [Pair(i, cap) for i, r in enumerate(records) if view.valid[i] for cap in r.captions]
-    if not pairs:
+    rows = [(i, cid, cap) for i, r in enumerate(records) if view.valid[i]
+            for cid, cap in zip(r.caption_ids, r.captions)]
+    if not rows:
         raise PcmnetError(f"{cfg.data.train.path}: no readable image with a caption")
-    return records, view, pairs
+    weights = [1.0] * len(rows)
+    if cfg.loss.clip_weight:
+        scores = pair_clip_scores(cfg, backbone, accelerator, view, rows)
+        weights = clip_pair_weights(scores, cfg.loss.clip_alpha).tolist()
+    return records, view, [Pair(i, cap, w) for (i, _, cap), w in zip(rows, weights)]
+
+
+def pair_clip_scores(cfg: TrainConfig, backbone, accelerator, view, rows) -> torch.Tensor:
+    """s = max(cos(g(x), t(c)), 0) of every (image row, caption id, caption), METHODS.md 5: both
+    embeddings come from the feature cache (computed once per image and per caption), so the score
+    of a pair is never recomputed by the backbone across epochs or resumes."""
+    from ..data.records import CaptionItem
+    from ..features.cache import extract_text_features
+
+    items = [CaptionItem(caption_id=cid, caption=cap, image_id=str(i)) for i, cid, cap in rows]
+    text = extract_text_features(items, backbone, cfg.run.cache_dir, fields=("embeds",),
+                                 accelerator=accelerator, progress=accelerator.is_main_process)
+    g = view.batch([i for i, _, _ in rows])["embeds"]
+    t = text.stack("embeds")
+    return (torch.nn.functional.normalize(g, dim=-1) * torch.nn.functional.normalize(t, dim=-1)).sum(-1).clamp(min=0)
+
+
+def text_only_data(cfg: TrainConfig, backbone, accelerator, records):
+    """Text features of every caption (no image is read) and one Pair per caption: the caption is
+    both the input (through its embedding) and the target."""
+    from ..features.cache import extract_text_features
+
+    items = list(iter_captions(records))
+    fields = ("embeds", "tokens", "mask") if cfg.model.text_only.local_features else ("embeds",)
+    view = extract_text_features(items, backbone, cfg.run.cache_dir, fields=fields,
+                                 max_tokens=cfg.model.text_only.max_local, accelerator=accelerator,
+                                 progress=accelerator.is_main_process)
+    return view, [Pair(i, it.caption) for i, it in enumerate(items)]
+
+
+def text_only_parts(cfg: TrainConfig, backbone, accelerator, view, corpus: str) -> dict:
+    """The resolved noise level (a number, or measured on data.paired for "auto") and the projection
+    memory (cfg.memory_path, or the cached embeddings of the training captions)."""
+    from ..features.cache import extract_image_features
+    from ..models.projection import ProjectionMemory
+    from ..models.textonly import resolve_noise_variance
+
+    to = cfg.model.text_only.validate("model.text_only")
+    paired, image_embeds = None, None
+    if to.noise_variance == "auto":
+        if cfg.data.paired is None:
+            raise ConfigError("model.text_only.noise_variance=auto measures the image/caption gap on "
+                              "data.paired (image-caption pairs); set data.paired or a number")
+        paired = load_corpus(cfg.data.paired, require_captions=True, require_images=True)
+        pv = extract_image_features(paired[: to.noise_auto_max_images], backbone, cfg.run.cache_dir,
+                                    fields=("embeds",), accelerator=accelerator,
+                                    progress=accelerator.is_main_process)
+        image_embeds = {r.image_id: pv[i]["embeds"] for i, r in enumerate(paired[: to.noise_auto_max_images])
+                        if pv.valid[i]}
+    variance = resolve_noise_variance(to, paired, backbone, image_embeds)
+    memory = None
+    if to.uses_memory:
+        if to.memory_path:
+            from ..models.captioner import load_memory
+
+            memory = load_memory(to, Path(to.memory_path), backbone.fingerprint())
+        else:
+            memory = ProjectionMemory(view.stack("embeds"), to.projection_temperature, to.projection_top_k,
+                                      to.memory_budget_mb, to.memory_dtype,
+                                      meta={"corpus": corpus, "backbone": backbone.fingerprint(),
+                                            "num_captions": len(view)})
+        memory.to(backbone.device)
+    log.info("text-only: noise variance %.5g%s, projection memory %s", variance,
+             " (measured on data.paired)" if to.noise_variance == "auto" else "",
+             f"{memory.size} captions" if memory is not None else "off")
+    return {"noise_variance": variance, "memory": memory}
+
+
+def concept_bank(cfg: TrainConfig, backbone, captions: list[str], out: Path, accelerator):
+    """PCM's concept vocabulary: model.concepts (from `pcmnet concepts`), or the concepts_k most
+    frequent nouns of the training captions, built once at the first start into out/concepts/."""
+    from ..models.concepts import concept_meta, embed_concepts, frequent_nouns, load_concepts, save_concepts
+
+    path = Path(cfg.model.concepts) if cfg.model.concepts else out / "concepts"
+    if not cfg.model.concepts and not (path / "concepts.json").exists():
+        if accelerator.is_main_process:
+            words = frequent_nouns(captions, k=cfg.model.concepts_k)
+            save_concepts(path, words, embed_concepts(words, backbone),
+                          concept_meta(backbone, corpus=cfg.data.train.path, k=cfg.model.concepts_k))
+        accelerator.wait_for_everyone()
+    words, bank, _ = load_concepts(path, expect_backbone=backbone)
+    return words, bank
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,13 +297,15 @@ def _tokenizer_for(cfg: TrainConfig, out: Path, captions: list[str], accelerator
     return Vocab.load(path)
 
 
-def build_model(cfg: TrainConfig, backbone, captions: list[str], out: Path, accelerator, extras=None):
+def build_model(cfg: TrainConfig, backbone, captions: list[str], out: Path, accelerator, extras=None,
+                **parts):
+    """The captioner to train; parts: concepts (PCM), memory + noise_variance (text-only)."""
     vocab = _tokenizer_for(cfg, out, captions, accelerator)
     if vocab is None:
-        return Captioner.build(cfg.model, backbone, extras=extras)
+        return Captioner.build(cfg.model, backbone, extras=extras, **parts)
     from ..models.captioner import BackboneInfo
 
-    return Captioner(cfg.model, BackboneInfo.of(backbone), vocab, extras=extras)
+    return Captioner(cfg.model, BackboneInfo.of(backbone), vocab, extras=extras, **parts)
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -251,13 +341,34 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device=str(accelerator.device))
 
-    if cfg.mode in ("supervised", "pcm"):
+    extras = {"mode": cfg.mode, "train_corpus": cfg.data.train.path}
+    if cfg.mode == "text_only":
+        if cfg.model.text_only is None:
+            raise ConfigError("mode text_only needs a model.text_only section (noise / projection settings)")
+        if cfg.data.val is not None:
+            raise ConfigError("data.val is not used in text_only mode (there are no images in training); "
+                              "evaluate the saved model with `pcmnet evaluate`")
+        records = load_corpus(cfg.data.train, require_captions=True)
+        view, pairs = text_only_data(cfg, backbone, accelerator, records)
+        parts = text_only_parts(cfg, backbone, accelerator, view, cfg.data.train.path)
+        extras.update(train_captions=len(pairs), noise_variance=parts["noise_variance"])
+        model = build_model(cfg, backbone, [p.caption for p in pairs], out, accelerator, extras, **parts)
+        step_fn = supervised_step
+    elif cfg.mode in ("supervised", "pcm"):
+        if cfg.model.text_only is not None:
+            raise ConfigError(f"model.text_only is set but mode is '{cfg.mode}' (use mode: text_only)")
+        if cfg.mode == "pcm" and cfg.model.inputs != "pcm":
+            raise ConfigError("mode pcm needs model.inputs: pcm (turn PCM off with model.pcm.enabled: false)")
         records = load_corpus(cfg.data.train, require_captions=True, require_images=True)
-        model = build_model(cfg, backbone, [c for r in records for c in r.captions], out, accelerator,
-                            extras={"mode": cfg.mode, "train_corpus": cfg.data.train.path})
-        fields = model.image_fields()
-        records, view, pairs = paired_data(cfg, backbone, accelerator, fields, records)
-        model.extras.update(train_images=sum(view.valid), train_pairs=len(pairs))
+        captions = [c for r in records for c in r.captions]
+        parts = {}
+        if cfg.model.inputs == "pcm" and cfg.model.pcm.enabled:
+            words, parts["concepts"] = concept_bank(cfg, backbone, captions, out, accelerator)
+            extras["concept_words"] = words
+        model = build_model(cfg, backbone, captions, out, accelerator, extras, **parts)
+        records, view, pairs = paired_data(cfg, backbone, accelerator, model.image_fields(), records)
+        model.extras.update(train_images=sum(view.valid), train_pairs=len(pairs),
+                            clip_weighted=cfg.loss.clip_weight)
         step_fn = supervised_step
     else:
         raise ConfigError(f"mode '{cfg.mode}' is not available in this build")
@@ -272,7 +383,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
                                          generator=torch.Generator().manual_seed(cfg.run.seed))
     val_loader = None
     if cfg.data.val is not None:
-        _, val_view, val_pairs = paired_data(cfg, backbone, accelerator, fields,
+        _, val_view, val_pairs = paired_data(cfg, backbone, accelerator, model.image_fields(),
                                              load_corpus(cfg.data.val, require_captions=True, require_images=True))
         val_loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
             PairDataset(val_view, val_pairs), batch_size=cfg.optim.batch_size, collate_fn=collate,
@@ -281,10 +392,12 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
 
 
 def supervised_step(model, batch, cfg: TrainConfig):
-    """Teacher-forced weighted label-smoothed cross entropy on one batch."""
-    logits = model(batch["feats"], batch["inputs"], batch["input_pad"])
-    return weighted_label_smoothed_ce(logits, batch["targets"], batch["weights"], IGNORE_INDEX,
+    """Teacher-forced weighted label-smoothed cross entropy on one batch (plus the auxiliary losses
+    of text-only models: the noise network's regularizer, the projection network's alignment)."""
+    logits, aux = model(batch["feats"], batch["inputs"], batch["input_pad"], return_aux=True)
+    loss = weighted_label_smoothed_ce(logits, batch["targets"], batch["weights"], IGNORE_INDEX,
                                       smoothing=cfg.loss.smoothing, focal_gamma=cfg.loss.focal_gamma)
+    return loss + sum(aux.values()) if aux else loss
 
 
 def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, last: Path | None,
