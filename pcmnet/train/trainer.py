@@ -342,6 +342,10 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
         backbone = load_backbone(cfg.backbone, device=str(accelerator.device))
 
     extras = {"mode": cfg.mode, "train_corpus": cfg.data.train.path}
+    if cfg.mode == "semi":
+        from .semi import train_semi
+
+        return train_semi(cfg, accelerator, backbone, out, last)
     if cfg.mode == "text_only":
         if cfg.model.text_only is None:
             raise ConfigError("mode text_only needs a model.text_only section (noise / projection settings)")
