@@ -168,6 +168,7 @@ def extract_features(backbone: MiniBackbone, records: list[Record], views: int, 
     dirty = 0
 
     def flush():
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         torch.save(store, tmp)
         os.replace(tmp, cache)
