@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .data.readers import is_image_file, read_folder
+from .data.readers import read_folder
 from .data.records import DataError, Record
 from .errors import CheckpointError, MissingWeightsError
 

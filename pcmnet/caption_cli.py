@@ -7,7 +7,6 @@ and merged into the output at the end, so `--resume` after a kill skips what was
 """
 from __future__ import annotations
 
-import sys
 
 
 def add_parser(sub) -> None:
@@ -32,23 +31,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
     import logging
-    import os
     import shutil
     import time
     from pathlib import Path
 
-    import torch
-    from accelerate import PartialState
-
     from .caption import (caption_records, collect_images, load_captioner, output_format, render,
                           sidecar_path, write_atomic, CaptionResult)
+    from .distributed import process_state
     from .errors import PcmnetError
 
     log = logging.getLogger("pcmnet")
-    # without CUDA, launched processes only join one (gloo) group when asked for cpu=True;
-    # otherwise each one would caption every image and append to the same part file
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=launched and not torch.cuda.is_available())
+    state = process_state()
     rank, world = state.process_index, state.num_processes
     if world > 1 and not (args.output or args.sidecar):
         raise PcmnetError("with several processes, write results with --output FILE or --sidecar")

@@ -7,11 +7,7 @@ import csv
 import io
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

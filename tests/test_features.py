@@ -401,7 +401,8 @@ from safetensors.torch import save_file
 from toys import ToyBackbone
 from pcmnet.data.readers import read_folder
 from pcmnet.data.records import CaptionItem
-from pcmnet.features.cache import extract_image_features, extract_text_features, process_state
+from pcmnet.distributed import process_state
+from pcmnet.features.cache import extract_image_features, extract_text_features
 from test_features import acc_captions
 
 img_dir, cache, out = sys.argv[1:4]

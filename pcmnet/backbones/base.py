@@ -15,7 +15,7 @@ Implementations: `OpenCLIPBackbone` (open_clip), `HFCLIPBackbone` (transformers 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -307,19 +307,6 @@ def _to_float32(t: torch.Tensor) -> torch.Tensor:
 # extraction
 
 
-def process_state():
-    """accelerate's `PartialState` for this process (one process when not launched).
-
-    On a machine without CUDA, `accelerate launch --multi_gpu --num_processes N` starts N processes
-    but `PartialState()` only joins them (gloo, DistributedType.MULTI_CPU) when asked for `cpu=True`;
-    without it every process would believe it is alone and redo all the work.
-    """
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=launched and not torch.cuda.is_available())
-
-
 class _Ranks:
     """The bits of an accelerate `Accelerator` / `PartialState` used here (None = one process)."""
 

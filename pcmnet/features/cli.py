@@ -48,7 +48,8 @@ def run(args) -> int:
     from ..data.readers import CorpusConfig, load_corpus
     from ..data.records import iter_captions
     from ..errors import PcmnetError
-    from .cache import extract_image_features, extract_text_features, process_state
+    from ..distributed import process_state
+    from .cache import extract_image_features, extract_text_features
 
     state = process_state()
     fields, batch_size, shard_size = DEFAULTS[args.kind]

@@ -124,7 +124,7 @@ def run_score(args) -> int:
     from .generate import process_device
     from .manifest import check_folder
     from .score import load_scorer, score_folder
-    from .shard import process_state
+    from ..distributed import process_state
 
     flags = {k: v for k, v in _GEN_FLAGS.items() if k.startswith("backbone") or k == "device"}
     cfg = build_config(args, {**flags, "batch_size": "score_batch_size"})

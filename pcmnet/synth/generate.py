@@ -30,7 +30,8 @@ from ..data.records import DataError, iter_captions
 from ..errors import MissingWeightsError, PcmnetError
 from . import manifest as mf
 from .config import GENERATION_KEYS, SynthConfig, parse_size
-from .shard import owns, pair_seed, process_state
+from ..distributed import process_state
+from .shard import owns, pair_seed
 
 log = logging.getLogger("pcmnet.synth")
 

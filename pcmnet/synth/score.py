@@ -19,7 +19,8 @@ from ..backbones.base import Backbone, BackboneConfig
 from ..config import ConfigError
 from ..data.records import Record
 from . import manifest as mf
-from .shard import owns, process_state
+from ..distributed import process_state
+from .shard import owns
 
 log = logging.getLogger("pcmnet.synth")
 BACKBONES = ("mini", "open_clip", "hf-clip", "hf_clip")  # what load_backbone knows

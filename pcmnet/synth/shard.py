@@ -12,12 +12,6 @@ reproducible from its manifest line alone: `torch.Generator("cpu").manual_seed(s
 from __future__ import annotations
 
 import hashlib
-import os
-from datetime import timedelta
-
-# Processes wait for each other once, at the end, before process 0 merges the manifest. A process
-# whose shard was mostly done before a resume may wait for hours; the default 30 min would kill it.
-BARRIER_TIMEOUT = timedelta(hours=48)
 
 
 def _hash64(text: str) -> int:
@@ -34,15 +28,3 @@ def owns(position: int, rank: int, world: int) -> bool:
     return position % world == rank
 
 
-def process_state():
-    """accelerate's PartialState (rank, world size, device, barrier); one process when not launched.
-
-    Without CUDA, `accelerate launch --multi_gpu --num_processes N` starts N processes that only
-    join (gloo, DistributedType.MULTI_CPU) when PartialState is asked for `cpu=True`; otherwise
-    each would think it is alone and redo every shard.
-    """
-    import torch
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=launched and not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)

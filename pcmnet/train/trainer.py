@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -310,15 +309,14 @@ def build_model(cfg: TrainConfig, backbone, captions: list[str], out: Path, acce
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+
+    from ..distributed import BARRIER_TIMEOUT, needs_cpu_backend
 
     out = Path(cfg.run.output_dir)
-    # Without CUDA, the processes of `accelerate launch --multi_gpu --num_processes N` only join one
-    # gloo group (DistributedType.MULTI_CPU) when asked for cpu=True; otherwise each one trains alone
-    # on the full data and all of them write the same run directory.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=launched and not torch.cuda.is_available(),
+        cpu=needs_cpu_backend(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)],
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with="tensorboard" if cfg.run.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
