@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from ..errors import CheckpointError, MissingWeightsError, PcmnetError
 from .base import Backbone, ImageFeatures, TextFeatures
-from .hfclip import (caused_by_missing_file, hub_offline_unless_reachable, one_line, sha256_files,
+from .hub import (caused_by_missing_file, hub_offline_unless_reachable, one_line, sha256_files,
                      weight_files)
 
 
