@@ -115,24 +115,37 @@ def paired_data(cfg: TrainConfig, backbone, accelerator, fields: tuple[str, ...]
         raise PcmnetError(f"{cfg.data.train.path}: no readable image with a caption")
     weights = [1.0] * len(rows)
     if cfg.loss.clip_weight:
-        scores = pair_clip_scores(cfg, backbone, accelerator, view, rows)
+        scores = pair_clip_scores(cfg, backbone, accelerator, view, rows, records)
         weights = clip_pair_weights(scores, cfg.loss.clip_alpha).tolist()
     return records, view, [Pair(i, cap, w) for (i, _, cap), w in zip(rows, weights)]
 
 
-def pair_clip_scores(cfg: TrainConfig, backbone, accelerator, view, rows) -> torch.Tensor:
-    """s = max(cos(g(x), t(c)), 0) of every (image row, caption id, caption), METHODS.md 5: both
-    embeddings come from the feature cache (computed once per image and per caption), so the score
-    of a pair is never recomputed by the backbone across epochs or resumes."""
+def pair_clip_scores(cfg: TrainConfig, backbone, accelerator, view, rows, records=None) -> torch.Tensor:
+    """s = max(cos(g(x), t(c)), 0) of every (image row, caption id, caption), METHODS.md 5, computed
+    once per pair. A synthetic pair already scored by this very backbone (`pcmnet synth` / `synth
+    score` record meta clip_score with clip_backbone == its fingerprint) keeps that stored score;
+    the others are scored from the feature cache (g of each image and t of each caption are computed
+    once and cached), so no score costs a backbone call again across epochs, runs or resumes."""
     from ..data.records import CaptionItem
     from ..features.cache import extract_text_features
 
-    items = [CaptionItem(caption_id=cid, caption=cap, image_id=str(i)) for i, cid, cap in rows]
-    text = extract_text_features(items, backbone, cfg.run.cache_dir, fields=("embeds",),
-                                 accelerator=accelerator, progress=accelerator.is_main_process)
-    g = view.batch([i for i, _, _ in rows])["embeds"]
-    t = text.stack("embeds")
-    return (torch.nn.functional.normalize(g, dim=-1) * torch.nn.functional.normalize(t, dim=-1)).sum(-1).clamp(min=0)
+    fingerprint = backbone.fingerprint()
+    scores = torch.full((len(rows),), float("nan"))
+    for j, (i, _, _) in enumerate(rows):
+        meta = records[i].meta if records is not None else {}
+        if meta.get("clip_score") is not None and meta.get("clip_backbone") == fingerprint:
+            scores[j] = float(meta["clip_score"])
+    todo = scores.isnan().nonzero().flatten().tolist()
+    log.info("CLIP weights: %d pairs keep their synthesis score by %s, %d are scored from the feature cache",
+             len(rows) - len(todo), fingerprint, len(todo))
+    if todo:
+        items = [CaptionItem(caption_id=rows[j][1], caption=rows[j][2], image_id=str(rows[j][0])) for j in todo]
+        text = extract_text_features(items, backbone, cfg.run.cache_dir, fields=("embeds",),
+                                     accelerator=accelerator, progress=accelerator.is_main_process)
+        g = torch.nn.functional.normalize(view.batch([rows[j][0] for j in todo])["embeds"], dim=-1)
+        t = torch.nn.functional.normalize(text.stack("embeds"), dim=-1)
+        scores[todo] = (g * t).sum(-1).clamp(min=0)
+    return scores
 
 
 def text_only_data(cfg: TrainConfig, backbone, accelerator, records):
@@ -330,6 +343,8 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
 
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode '{cfg.mode}' (one of: {', '.join(MODES)})")
+    if cfg.mode == "pcm" and cfg.model.inputs != "pcm":  # before loading a backbone of gigabytes
+        raise ConfigError("mode pcm needs model.inputs: pcm (turn PCM off with model.pcm.enabled: false)")
     accelerator = make_accelerator(cfg)
     if cfg.optim.batch_size % accelerator.num_processes:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by the "
@@ -359,8 +374,6 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
     elif cfg.mode in ("supervised", "pcm"):
         if cfg.model.text_only is not None:
             raise ConfigError(f"model.text_only is set but mode is '{cfg.mode}' (use mode: text_only)")
-        if cfg.mode == "pcm" and cfg.model.inputs != "pcm":
-            raise ConfigError("mode pcm needs model.inputs: pcm (turn PCM off with model.pcm.enabled: false)")
         records = load_corpus(cfg.data.train, require_captions=True, require_images=True)
         captions = [c for r in records for c in r.captions]
         parts = {}
