@@ -31,6 +31,7 @@ def one_thread():
 def test_words():
     assert words("A man's dog, running!  Fast.") == ["a", "man's", "dog", "running", "fast"]
     assert words("3 cats") == ["3", "cats"]
+    assert words("Un café près d'une église_ancienne") == ["un", "café", "près", "d'une", "église", "ancienne"]
 
 
 def test_vocab_build_counts_and_ties():
@@ -366,3 +367,26 @@ def test_missing_lm_is_a_one_line_error(toy, tmp_path):
     with pytest.raises(MissingWeightsError) as e:
         Captioner.build(CaptionerConfig(decoder="prefix_lm", lm=str(tmp_path / "no-such-lm")), toy)
     assert "\n" not in str(e.value) and "no-such-lm" in str(e.value)
+
+
+def test_fine_tuned_pretrained_lm_reloads_without_its_source(lm_tokenizer_dir, toy, image_feats, tmp_path):
+    """A fine-tuned LM (freeze_lm false) loaded by name is saved whole with its config, so the model
+    dir reloads even when the original LM (hub id or directory) is gone."""
+    import shutil
+
+    from pcmnet.models.prefix_lm import build_lm
+
+    torch.manual_seed(0)
+    lm, tok = build_lm(None, lm_cfg(lm_tokenizer_dir).lm_config)
+    lm_dir = tmp_path / "my-lm"
+    lm.save_pretrained(str(lm_dir))
+    tok.save(lm_dir)
+    m = Captioner.build(lm_cfg(lm_tokenizer_dir, lm=str(lm_dir), lm_config=None, freeze_lm=False), toy).eval()
+    with torch.no_grad():
+        m.decoder.lm.get_input_embeddings().weight.add_(0.5)  # "fine-tuned": differs from the source
+    d = m.save_pretrained(tmp_path / "model")
+    shutil.rmtree(lm_dir)
+    m2 = Captioner.from_pretrained(d, backbone=toy)
+    feats = {"embeds": image_feats["embeds"]}
+    inp, _, pad = m.tokenize_captions(CAPTIONS)
+    assert torch.equal(m(feats, inp, pad), m2(feats, inp, pad))

@@ -140,6 +140,10 @@ def test_flickr_token_file_and_split_list(tmp_path):
     recs = load_corpus(CorpusConfig(path=str(tok), split_file=str(split), images="/imgs"))
     assert sorted(r.image_id for r in recs) == ["1000_a", "3000_c"]
     assert all(len(r.captions) == 5 for r in recs) and recs[0].file == "/imgs/1000_a.jpg"
+    # a json split file ({split: [ids]}) filters a Flickr corpus like any other
+    (tmp_path / "splits.json").write_text(json.dumps({"test": ["2000_b"], "train": ["3000_c", "1000_a"]}))
+    recs = load_corpus(CorpusConfig(path=str(tok), split_file=str(tmp_path / "splits.json"), split="train"))
+    assert [r.image_id for r in recs] == ["3000_c", "1000_a"]
     # a plain .txt whose lines look like token lines is detected as flickr too
     other = tmp_path / "captions.txt"
     other.write_text("\n".join(lines[:3]))

@@ -267,3 +267,11 @@ def test_sample_follows_the_distribution(temperature):
     assert ((freq - p).abs() <= 5 * sigma + 1e-9).all(), (freq, p)
     # after a sampled eos only pads follow; after a word, the forced eos
     check_valid(out.tolist(), 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sample_at_zero_temperature_is_greedy(seed):
+    table = tables(4, seed, scale=1.0)
+    out = sample(make_step(table.float(), 1), 4, BOS, EOS, PAD, max_len=6, temperature=0.0)
+    for b in range(4):
+        assert trim(out[b].tolist()) == greedy(table[b], 6)[0]

@@ -420,9 +420,10 @@ def load_corpus(cfg: CorpusConfig | str, require_captions: bool = False,
         records = read_coco(path, cfg.images)
     elif fmt == "karpathy":
         records = read_karpathy(path, cfg.images, cfg.split)
-    elif fmt == "flickr":
-        records = read_flickr(path, cfg.images, cfg.split_file)
-        split_file_used = True
+    elif fmt == "flickr":  # a Flickr-style image list filters while reading; a json split file after
+        list_file = cfg.split_file and Path(cfg.split_file).suffix.lower() != ".json"
+        records = read_flickr(path, cfg.images, cfg.split_file if list_file else None)
+        split_file_used = bool(list_file)
     elif fmt in ("csv", "tsv"):
         records = read_table(path, "\t" if fmt == "tsv" else ",", cfg.caption_column,
                              cfg.image_column, cfg.id_column, cfg.images)

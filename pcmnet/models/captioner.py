@@ -329,6 +329,8 @@ class Captioner(nn.Module):
         tmp.replace(out / "model.safetensors")
         if self.cfg.decoder == "prefix_lm":
             self.tokenizer.save(out / "tokenizer")
+            if not self._lm_is_referenced():  # its weights are in model.safetensors; keep its shape too
+                self.decoder.lm.config.save_pretrained(str(out / LM_CONFIG_DIR))
         else:
             self.tokenizer.save(out / "vocab.json")
         if self._memory_is_saved():
@@ -358,6 +360,10 @@ class Captioner(nn.Module):
             tokenizer = LMTokenizer.load(d / "tokenizer")
             if cls._lm_is_referenced_cfg(cfg):
                 lm, _ = build_lm(cfg.lm)
+            elif (d / LM_CONFIG_DIR).is_dir():  # a fine-tuned LM: rebuilt from its saved config, no download
+                from transformers import AutoConfig, AutoModelForCausalLM
+
+                lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d / LM_CONFIG_DIR)))
             else:
                 lm, _ = build_lm(cfg.lm, {**cfg.lm_config, "tokenizer": str(d / "tokenizer")}
                                  if cfg.lm_config else None)
@@ -396,6 +402,7 @@ class Captioner(nn.Module):
 
 
 MEMORY_FILE = "memory.safetensors"
+LM_CONFIG_DIR = "lm_config"
 
 
 def load_memory(cfg: TextOnlyConfig, saved: Path, fingerprint: str) -> ProjectionMemory:

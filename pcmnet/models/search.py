@@ -90,6 +90,8 @@ def sample(step: Callable[[torch.Tensor], torch.Tensor], batch_size: int, bos_id
             logp = step(tokens).float()
             if t == max_len:
                 nxt = torch.full((batch_size,), eos_id, dtype=torch.long, device=device)
+            elif temperature <= 0:  # the zero-temperature limit: greedy
+                nxt = logp.argmax(-1)
             else:
                 probs = torch.softmax(logp / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,7 +1,7 @@
 """Word vocabulary built from the training captions (METHODS.md section 4).
 
-Captions are lowercased and split into words (letters/digits, with in-word apostrophes kept:
-"man's"); punctuation is dropped, as in the usual COCO preprocessing. Ids 0-3 are the specials
+Captions are lowercased and split into words (letters/digits of any script, with in-word
+apostrophes kept: "man's", "café"); punctuation is dropped, as in the usual COCO preprocessing. Ids 0-3 are the specials
 <pad>, <bos>, <eos>, <unk>.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 
 
 def words(text: str) -> list[str]:
