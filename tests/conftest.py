@@ -2,10 +2,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests use tiny models: one intra-op thread is as fast, and it keeps the subprocesses some tests
+# start (accelerate launches, kill/resume runs) from oversubscribing a 2-core CI machine, where
+# spinning OpenMP threads made small steps up to 50x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
 
