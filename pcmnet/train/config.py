@@ -17,6 +17,7 @@ from ..backbones.base import BackboneConfig
 from ..data.readers import CorpusConfig
 from ..models.captioner import CaptionerConfig
 from .losses import LossConfig
+from .semi import SemiConfig
 
 MODES = ("supervised", "text_only", "pcm", "semi")
 
@@ -73,3 +74,4 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    semi: SemiConfig | None = None  # mode semi (None: its defaults, pcmnet.train.semi)

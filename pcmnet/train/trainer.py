@@ -276,7 +276,8 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, model, keep: int)
 def _prepare_run_dir(cfg: TrainConfig, resume: bool, accelerator) -> tuple[Path, Path | None]:
     out = Path(cfg.run.output_dir)
     existing = checkpoints(out)
-    if existing and not resume:
+    # stage runs of mode semi live in out/stage*/ (each a run directory of its own)
+    if (existing or any(out.glob("*/checkpoints/step-*"))) and not resume:
         raise PcmnetError(f"{out} already holds checkpoints; pass --resume to continue that run, "
                           "or choose another run.output_dir")
     saved = out / "config.yaml"
@@ -358,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
     if cfg.mode == "semi":
         from .semi import train_semi
 
-        return train_semi(cfg, accelerator, backbone, out, last)
+        return train_semi(cfg, accelerator, backbone, out, resume)
     if cfg.mode == "text_only":
         if cfg.model.text_only is None:
             raise ConfigError("mode text_only needs a model.text_only section (noise / projection settings)")
@@ -416,7 +417,9 @@ def supervised_step(model, batch, cfg: TrainConfig):
 
 
 def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, last: Path | None,
-             val_loader=None) -> Path:
+             val_loader=None, end_training: bool = True) -> Path:
+    """end_training=False: another run_loop follows on this accelerator (the stages of mode semi),
+    so only the trackers are closed and the process group stays up."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
@@ -496,7 +499,12 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
         tmp.replace(final)
         log.info("trained %d steps; model saved to %s", state.step, final)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers.clear()
     return final
 
 
