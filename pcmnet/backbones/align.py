@@ -23,6 +23,7 @@ train once more on all training images with that choice.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -348,7 +349,7 @@ def align(backbone: MiniBackbone, records: list[Record], cfg: AlignConfig, eval_
     feats = extract_features(backbone, records, cfg.views, cfg.seed, cache, desc="train features")
     records, feats = usable(records, feats, "training data")
     txt, owner = caption_table(backbone, records)
-    bridge = backbone.head
+    bridge = copy.deepcopy(backbone.head).cpu()  # the head is trained on CPU (cached features)
     feats = with_bridge(bridge, feats)
     table = None
     if cfg.steps is None or cfg.weight_decay is None:
