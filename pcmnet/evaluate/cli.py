@@ -1,4 +1,5 @@
-"""`pcmnet evaluate`: score a prediction file against reference captions (docs/evaluation.md)."""
+"""`pcmnet evaluate`: score a prediction file against reference captions (docs/evaluation.md), or
+run an evaluation config: caption a test split with a model, then score it (evaluate/job.py)."""
 from __future__ import annotations
 
 CLIP_METRICS = ("CLIP-S", "RefCLIP-S", "R@1", "R@5", "R@10", "median_rank")
@@ -22,11 +23,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="score generated captions (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, CLIP-S, ...)",
         description="Score a prediction file against reference captions. Prints a table (scores x100) "
-                    "and writes every raw number with its metadata to --output. See docs/evaluation.md.")
-    p.add_argument("--predictions", required=True, metavar="FILE",
-                   help="captions from `pcmnet caption`: .jsonl, COCO results .json, .csv, or file<TAB>caption")
-    p.add_argument("--references", required=True, metavar="CORPUS",
-                   help="reference captions: a COCO json (or any corpus pcmnet reads)")
+                    "and writes every raw number with its metadata to --output. With --config, a YAML "
+                    "evaluation job (configs/eval_*.yaml) first captions its test split with its model; "
+                    "flags given on the command line override the file. See docs/evaluation.md.")
+    p.add_argument("--config", metavar="YAML", help="evaluation job: model, test data, predictions, options")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the --config file, e.g. --set generation.beam_size=5 (repeatable)")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="captions from `pcmnet caption`: .jsonl, COCO results .json, .csv, or file<TAB>caption "
+                        "(required without --config)")
+    p.add_argument("--references", metavar="CORPUS",
+                   help="reference captions: a COCO json (or any corpus pcmnet reads; required without --config)")
     p.add_argument("--images", metavar="DIR", help="image folder (default: the references' image files)")
     p.add_argument("--output", metavar="JSON", help="write all numbers and metadata here")
     p.add_argument("--split-file", metavar="FILE", help="keep only the references of this split file")
@@ -51,19 +58,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_backbone(args):
-    from ..backbones.base import BackboneConfig, load_backbone
+def _load_backbone(cfg):
+    """The scoring backbone of an EvalConfig (evaluate/job.py)."""
+    from dataclasses import replace
+
+    from ..backbones.base import load_backbone
     from ..errors import PcmnetError
 
-    cfg = BackboneConfig(name=args.backbone, model=args.backbone_model,
-                         pretrained=args.backbone_pretrained, device=args.device)
     try:
-        return load_backbone(cfg)
+        return load_backbone(replace(cfg.backbone, device=cfg.device or cfg.backbone.device))
     except PcmnetError:
         raise
     except (ImportError, OSError, RuntimeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PcmnetError(f"cannot load backbone '{args.backbone}' ({type(e).__name__}: {first}); "
+        raise PcmnetError(f"cannot load backbone '{cfg.backbone.name}' ({type(e).__name__}: {first}); "
                           f"pass --no-clip to skip CLIP-S, RefCLIP-S and retrieval") from None
 
 
@@ -126,43 +134,46 @@ def run(args) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
     from .. import __version__
-    from ..data.readers import CorpusConfig, load_corpus
+    from ..data.readers import load_corpus
     from ..errors import MissingWeightsError
     from .fluency import load_lm
+    from .job import caption_data, resolve
     from .metrics import ALL_SCORERS, evaluate_captions, require_java
     from .predictions import match_predictions, read_predictions
 
-    records = load_corpus(CorpusConfig(path=args.references, images=args.images, split=args.split,
-                                       split_file=args.split_file), require_captions=True)
-    preds = read_predictions(args.predictions)
-    matched = match_predictions(preds, records, images_dir=args.images, source=args.predictions)
+    job = resolve(args)
     require_java()
+    if job.model:
+        caption_data(job)
+    records = load_corpus(job.data, require_captions=True)
+    preds = read_predictions(job.predictions)
+    matched = match_predictions(preds, records, images_dir=job.data.images, source=job.predictions)
 
     # load the models before the minutes of scoring, so that a bad --backbone / --lm fails at once
     lm, lm_reason = None, "disabled with --lm none"
-    if args.lm != "none":
+    if job.lm != "none":
         try:
-            lm = load_lm(args.lm, device=args.device)
+            lm = load_lm(job.lm, device=job.device)
         except MissingWeightsError as e:
-            if args.lm != "auto":
+            if job.lm != "auto":
                 raise
             lm_reason = str(e)
     backbone, no_clip_reason = None, None
-    if args.no_clip:
+    if job.no_clip:
         no_clip_reason = "disabled with --no-clip"
     elif not any(matched.images.values()):
         no_clip_reason = "no image files found (point --images at the image folder)"
     else:
-        backbone = _load_backbone(args)
+        backbone = _load_backbone(job)
 
     result = evaluate_captions(
         matched.predictions, matched.references, images=matched.images, backbone=backbone, lm=lm,
-        metrics=tuple(m for m in ALL_SCORERS if not (args.no_spice and m == "SPICE")),
-        clip_prefix=args.clip_prefix, ref_weight=args.ref_weight, max_length=args.max_length,
-        batch_size=args.batch_size)
+        metrics=tuple(m for m in ALL_SCORERS if not (job.no_spice and m == "SPICE")),
+        clip_prefix=job.clip_prefix, ref_weight=job.ref_weight, max_length=job.max_length,
+        batch_size=job.batch_size)
     if no_clip_reason:
         result["skipped"].update(dict.fromkeys(CLIP_METRICS, no_clip_reason))
-    if args.no_spice:
+    if job.no_spice:
         result["metrics"]["SPICE"] = None
         result["skipped"]["SPICE"] = "disabled with --no-spice"
     if lm is None:
@@ -174,14 +185,19 @@ def run(args) -> int:
     result["counts"] = matched.counts()
     result["unmatched_predictions"] = matched.unmatched_predictions[:20]
     result["references_without_prediction"] = matched.missing_predictions[:20]
-    result["inputs"] = {"predictions": args.predictions, "references": args.references,
-                        "images": args.images, "split_file": args.split_file, "split": args.split}
+    result["inputs"] = {"predictions": job.predictions, "references": job.data.path,
+                        "images": job.data.images, "split_file": job.data.split_file, "split": job.data.split}
+    if job.model:
+        from dataclasses import asdict
+
+        result["inputs"].update(model=job.model, concepts=job.concepts, generation=asdict(job.generation),
+                                config=args.config)
     result["scale"] = ("raw: BLEU/METEOR/ROUGE-L/SPICE in [0,1], CIDEr-D in [0,10], CLIP-S in "
                        "[0,2.5], R@k and shares in [0,1]; the printed table shows scores x100")
     result["versions"] = {"pcmnet": __version__, "pycocoevalcap": cocoeval_version}
 
     print(format_table(result))
-    if args.output:
-        write_json(args.output, result)
-        print(f"wrote {args.output}")
+    if job.output:
+        write_json(job.output, result)
+        print(f"wrote {job.output}")
     return 0
