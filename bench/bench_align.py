@@ -34,12 +34,23 @@ def embed_images(bb: MiniBackbone, images: list, tta: bool, batch_size: int) -> 
     return torch.cat(out), len(images) / (time.perf_counter() - start)
 
 
+def sub_pool_recall(emb: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, keep: torch.Tensor) -> dict:
+    """Retrieval restricted to the images `keep` and their captions."""
+    remap = torch.full((len(emb),), -1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+    sel = remap[owner] >= 0
+    return retrieval_recall(emb[keep], txt[sel], remap[owner][sel])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", default=None, help="heads file (default: the bundled heads)")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA))
     ap.add_argument("--split", default="test")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=114, help="also report the mean over random sub-pools of this "
+                    "many images (114 = the prototype's test pools)")
+    ap.add_argument("--pool-draws", type=int, default=200)
     args = ap.parse_args()
     data = Path(args.data_dir)
     records = load_corpus(CorpusConfig(path=str(data / "captions.json"), split_file=str(data / "splits.json"),
@@ -60,12 +71,21 @@ def main() -> None:
         for tta in (False, True):
             emb, ips = embed_images(bb, images, tta, args.batch_size)
             speed[tta] = ips
-            rows.append((f"{name}, {'4-view TTA' if tta else '1 view'}", retrieval_recall(emb, txt, owner)))
+            rows.append((f"{name}, {'4-view TTA' if tta else '1 view'}", retrieval_recall(emb, txt, owner), emb))
 
     print(f"\n{'model':<36} {'i2t R@1':>8} {'R@5':>6} {'R@10':>6} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6}")
-    for name, r in rows:
+    for name, r, _ in rows:
         i, t = r["i2t"], r["t2i"]
         print(f"{name:<36} {i[1]:8.1f} {i[5]:6.1f} {i[10]:6.1f} {t[1]:8.1f} {t[5]:6.1f} {t[10]:6.1f}")
+    if args.pool < len(records):
+        print(f"\nmean over {args.pool_draws} random {args.pool}-image sub-pools (smaller pool = easier):")
+        gen = torch.Generator().manual_seed(0)
+        draws = [torch.randperm(len(records), generator=gen)[: args.pool] for _ in range(args.pool_draws)]
+        for name, _, emb in rows:
+            rs = [sub_pool_recall(emb, txt, owner, d) for d in draws]
+            i = [sum(r["i2t"][k] for r in rs) / len(rs) for k in (1, 5, 10)]
+            t = [sum(r["t2i"][k] for r in rs) / len(rs) for k in (1, 5, 10)]
+            print(f"{name:<36} {i[0]:8.1f} {i[1]:6.1f} {i[2]:6.1f} {t[0]:8.1f} {t[1]:6.1f} {t[2]:6.1f}")
     base, best = rows[1][1], rows[3][1]
     print(f"\ntrained vs bridge (both TTA): i2t R@1 {best['i2t'][1] - base['i2t'][1]:+.1f}, "
           f"t2i R@1 {best['t2i'][1] - base['t2i'][1]:+.1f} points")
