@@ -265,6 +265,17 @@ def test_noise_zero_projection_off_is_exactly_the_plain_model(data, tmp_path):
     assert a.generate(ia, beam_size=2) == b.generate(ib, beam_size=2)
 
 
+def test_decap_trains_exactly_the_no_noise_model(trained, data, tmp_path):
+    """DeCap's projection acts at inference only: its training is the no-noise training, weight for
+    weight (bench_textonly's DeCap row relies on this)."""
+    final = run_api(data, tmp_path, {"inputs": "global", "text_only": {"noise_variance": 0.0}})
+    plain = Captioner.from_pretrained(final, backbone=ToyBackbone()).state_dict()
+    decap = Captioner.from_pretrained(trained["decap"], backbone=ToyBackbone()).state_dict()
+    assert plain.keys() == decap.keys()
+    for k in plain:
+        assert torch.equal(plain[k], decap[k]), k
+
+
 # ------------------------------------------------------------------------------------------------
 # the noise level: statistics in training, auto, CLI override
 
