@@ -439,8 +439,10 @@ def _last_checkpoint(stage_dir: Path, resume: bool) -> Path | None:
     return found[-1] if resume and found else None
 
 
-def _set_logging_dir(accelerator, stage_dir: Path) -> None:
-    """Each stage logs to its own TensorBoard directory (its steps start at 1 again)."""
+def _enter_stage(accelerator, stage_dir: Path) -> None:
+    """Create the stage's run directory; the stage logs to its own TensorBoard directory (its steps
+    start at 1 again)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
     accelerator.project_configuration.logging_dir = str(stage_dir / "logs")
 
 
@@ -471,7 +473,7 @@ def run_stage1(cfg, accelerator, backbone, out: Path, labeled: list[Record], ext
         val_loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
             trainer.PairDataset(val_view, val_pairs), batch_size=cfg.optim.batch_size, collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.run.seed)))
-    _set_logging_dir(accelerator, stage)
+    _enter_stage(accelerator, stage)
     return trainer.run_loop(cfg, accelerator, model, loader, trainer.supervised_step, stage,
                             _last_checkpoint(stage, resume), val_loader, end_training=last_stage)
 
@@ -533,7 +535,7 @@ def run_stage2(cfg, accelerator, backbone, out: Path, init: Path, labeled: list[
     stage_cfg = replace(cfg, optim=replace(cfg.optim, lr=semi.lr, warmup_steps=semi.warmup_steps,
                                            schedule="constant", batch_size=semi.batch_size,
                                            epochs=semi.epochs, max_steps=semi.max_steps))
-    _set_logging_dir(accelerator, stage)
+    _enter_stage(accelerator, stage)
     return trainer.run_loop(stage_cfg, accelerator, model, loader, step, stage,
                             _last_checkpoint(stage, resume), end_training=True)
 
