@@ -193,6 +193,21 @@ def test_overfits_and_generates(trained):
     assert sum(t == CAPTIONS[i // 4] for i, t in enumerate(texts)) >= 9
 
 
+def test_unk_is_never_generated(toy, image_feats):
+    """Words below vocab_min_count become <unk> in training targets; decoding never emits <unk>:
+    the model learned it as the likeliest next word, and generation takes the next best instead."""
+    torch.manual_seed(0)
+    m = Captioner.build(tiny_cfg(vocab_min_count=2), toy, CAPTIONS)  # "the" and "a" occur twice
+    assert m.tokenizer.itos[4:] == ["a", "the"]
+    feats = m.image_inputs(image_feats)
+    overfit(m, feats, CAPTIONS, 150)
+    logits = m(feats, *m.tokenize_captions(CAPTIONS)[::2])
+    assert logits[1, 0].argmax() == m.tokenizer.unk_id  # "two dogs ...": <unk> is its likeliest start
+    for beam in (1, 3):
+        ids, _ = m.generate_ids(feats, beam_size=beam)
+        assert not (ids == m.tokenizer.unk_id).any()
+
+
 def test_save_load_round_trip(trained, toy, tmp_path):
     m, feats, _ = trained
     m.extras["note"] = "kept"

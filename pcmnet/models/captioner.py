@@ -276,14 +276,19 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate_ids(self, feats: dict, beam_size: int | None = None, max_len: int | None = None,
                      length_penalty: float | None = None, no_repeat_ngram: int | None = None):
-        """Beam search (greedy when beam_size=1). Returns (token ids [B,T], scores [B])."""
+        """Beam search (greedy when beam_size=1). Returns (token ids [B,T], scores [B]). A word
+        vocabulary's <unk> is never generated (it carries no word to show)."""
         K = beam_size or self.cfg.beam_size
         memory, pad = self.encode(feats, train=False)
         memory, pad = self._repeat(memory, K), self._repeat(pad, K)
         B = feats["embeds"].shape[0]
+        unk = getattr(self.tokenizer, "unk_id", None)
 
         def step(tokens):
-            return torch.log_softmax(self.decode(memory, pad, tokens)[:, -1].float(), -1)
+            logp = torch.log_softmax(self.decode(memory, pad, tokens)[:, -1].float(), -1)
+            if unk is not None:
+                logp[:, unk] = float("-inf")
+            return logp
 
         return beam_search(step, B, self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
                            beam_size=K, max_len=max_len or self.cfg.max_len,
