@@ -57,6 +57,23 @@ def test_published_pcmnet_configs(name):
     assert cfg.run.output_dir == f"runs/{name}"
 
 
+def test_offline_twin_config_is_the_bench_setting():
+    """configs/coco_mini_pcmnet.yaml trains what bench/bench_pcm.py's "PCM on, CLIP weight on" row
+    trains (the mini backbone, real coco-mini train photos standing in for synthetic ones)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pcm", CONFIGS.parent / "bench" / "bench_pcm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.build_parser().parse_args([])
+    args.workdir = Path("unused")
+    want = bench.train_config(args, Path("unused"), bench.corpus("train"), True, True, 0, args.epochs)
+    cfg = load_config(TrainConfig, CONFIGS / "coco_mini_pcmnet.yaml")
+    assert cfg.backbone.name == "mini" and cfg.mode == want.mode == "pcm"
+    assert (cfg.model, cfg.loss, cfg.optim) == (want.model, want.loss, want.optim)
+    assert cfg.data.train.path.endswith("coco-mini/captions.json") and cfg.data.train.split == "train"
+
+
 @pytest.mark.parametrize("name,train,test", [("eval_coco_to_flickr30k", "mscoco", "flickr30k"),
                                              ("eval_flickr30k_to_coco", "flickr30k", "coco"),
                                              ("eval_coco", "mscoco", "coco"),
