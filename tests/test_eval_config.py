@@ -133,6 +133,8 @@ def test_bad_jobs_are_one_line_errors(tmp_path, capsys, content, overrides, mess
 def test_without_config_predictions_and_references_are_required(capsys):
     assert cli_main(["evaluate", "--references", "refs.json"]) == 2
     assert "--predictions" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--predictions", "p.jsonl", "--references", "r.json", "--set", "lm=none"]) == 2
+    assert "without one, use the flags" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

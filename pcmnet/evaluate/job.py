@@ -102,6 +102,8 @@ def resolve(args) -> EvalConfig:
     """The job of a `pcmnet evaluate` command line: the defaults, then `--config` FILE, then
     `--set` overrides, then every flag given with a value other than its default."""
     config = getattr(args, "config", None)
+    if getattr(args, "set", None) and not config:
+        raise ConfigError("--set overrides keys of a --config file; without one, use the flags")
     cfg = load_config(EvalConfig, config, getattr(args, "set", None) or []) if config else EvalConfig()
     defaults, data = to_dict(EvalConfig()), to_dict(cfg)
     for flag, key in FLAG_KEYS.items():
