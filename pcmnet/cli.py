@@ -17,6 +17,7 @@ COMMANDS = [
     ("features", "pcmnet.features.cli"),
     ("align", "pcmnet.backbones.cli"),
     ("concepts", "pcmnet.models.concepts_cli"),
+    ("memory", "pcmnet.models.memory_cli"),
     ("synth", "pcmnet.synth.cli"),
 ]
 
