@@ -79,9 +79,19 @@ def train_row(name: str, backbone, extra: list[str], tag: str = "") -> Path:
     _, variant, overrides, _, _ = ROWS[name]
     cfg = load_config(TrainConfig, CFG[variant], overrides + extra + [
         f"run.output_dir=bench/out/textonly/{name}{'@' + tag if tag else ''}/run", f"run.cache_dir={CACHE}", "run.tensorboard=false"])
+    run = ROOT / cfg.run.output_dir
+    if (run / "model" / "config.json").is_file():  # finished: reuse it if it was trained with this config
+        import yaml
+
+        from pcmnet.config import to_dict
+
+        saved, now = yaml.safe_load((run / "config.yaml").read_text()), to_dict(cfg)
+        if any(saved.get(k) != now[k] for k in now if k != "run"):
+            sys.exit(f"bench_textonly: {run} was trained with another config; delete it or use --tag")
+        return run / "model"
     t0 = time.time()
-    final = train(cfg, resume=True, backbone=backbone)
-    print(f"# {name}: model {final.relative_to(ROOT)} ({time.time() - t0:.0f} s)", flush=True)
+    final = ROOT / train(cfg, resume=True, backbone=backbone)
+    print(f"# {name}: trained {final.relative_to(ROOT)} in {time.time() - t0:.0f} s", flush=True)
     return final
 
 

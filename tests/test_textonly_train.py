@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,7 @@ def test_decap_and_fusioncap_project_at_inference(trained):
     assert fusion.text_only.projection_net.mlp[2].weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_capdec_with_a_prefix_lm(data, tmp_path):
     """CapDec's own decoder family: a ClipCap prefix LM (tiny random GPT-2) trained text-only."""
     from test_captioner import word_level_lm_tokenizer
@@ -306,12 +308,12 @@ def test_injected_noise_statistics_in_training(data, tmp_path, monkeypatch):
     assert float(m.text_only.noise_variance) == pytest.approx(0.003) and m.extras["noise_variance"] == 0.003
 
 
+@pytest.mark.slow
 def test_cli_override_of_the_noise_level(data, tmp_path):
     """The CLI path (tests/scripts/train_toy.py = `pcmnet train` with the toy backbone)."""
     cfg = write_config(data, tmp_path, {"inputs": "global", "text_only": {"noise_variance": 0.016}}, epochs=1)
     res = subprocess.run([sys.executable, str(TOY_SCRIPT), str(cfg), "model.text_only.noise_variance=0.003"],
-                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                           "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     final = Path(res.stdout.strip().splitlines()[-1])
     m = Captioner.from_pretrained(final, backbone=ToyBackbone())
@@ -420,6 +422,7 @@ def test_memory_cli_errors_before_loading_a_backbone(data, tmp_path):
         assert isinstance(e.value, user_errors())
 
 
+@pytest.mark.slow
 def test_memory_cli_with_the_mini_backbone(tmp_path):
     """The real command line on a small text corpus with the offline mini backbone."""
     from pcmnet.backbones.base import load_backbone
