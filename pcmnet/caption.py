@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -55,7 +56,22 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Record]:
             raise DataError(f"{p}: no such file or directory")
     if not records:
         raise DataError("no images to caption")
-    return records
+    return _unique_ids(records)
+
+
+def _unique_ids(records: list[Record]) -> list[Record]:
+    """Drop repeats of the same file; ids shared by different files (photo.jpg, photo.png) keep
+    their suffix ("photo.jpg", "photo.png") so every output row names one image."""
+    seen, out = set(), []
+    for r in records:
+        if r.file not in seen:
+            seen.add(r.file)
+            out.append(r)
+    counts = Counter(r.image_id for r in out)
+    for r in out:
+        if counts[r.image_id] > 1:
+            r.image_id += Path(r.file).suffix
+    return out
 
 
 def load_captioner(model=None, backbone=None, device: str | None = None):
@@ -151,5 +167,13 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def sidecar_path(file: str) -> Path:
-    return Path(file).with_suffix(".txt")
+def sidecar_path(file: str, keep_suffix: bool = False) -> Path:
+    """photo.jpg -> photo.txt; with keep_suffix (another image is photo.png) -> photo.jpg.txt."""
+    return Path(file + ".txt") if keep_suffix else Path(file).with_suffix(".txt")
+
+
+def sidecar_paths(records: list[Record]) -> dict[str, Path]:
+    """file -> its sidecar; images that would share one (photo.jpg, photo.png) keep their suffix."""
+    stems = Counter(str(Path(r.file).with_suffix("")) for r in records if r.file)
+    return {r.file: sidecar_path(r.file, stems[str(Path(r.file).with_suffix(""))] > 1)
+            for r in records if r.file}

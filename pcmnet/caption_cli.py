@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="image loading worker processes")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--output", "-o", default=None, help="write .jsonl, .json (COCO results), .csv or .tsv")
-    out.add_argument("--sidecar", action="store_true", help="write IMAGE.txt next to every image")
+    out.add_argument("--sidecar", action="store_true", help="write IMAGE.txt next to every image (IMAGE.jpg.txt when IMAGE.png is there too)")
     p.add_argument("--resume", action="store_true", help="keep results already written by an interrupted run")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.set_defaults(func=run)
@@ -36,7 +36,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from .caption import (caption_records, collect_images, load_captioner, output_format, render,
-                          sidecar_path, write_atomic, CaptionResult)
+                          sidecar_paths, write_atomic, CaptionResult)
     from .distributed import process_state
     from .errors import PcmnetError
 
@@ -59,12 +59,13 @@ def run(args) -> int:
 
     t0, n_ok, n_bad = time.time(), 0, 0
     if args.sidecar:
-        todo = [r for r in records if not (args.resume and r.file and sidecar_path(r.file).exists())]
+        sidecars = sidecar_paths(records)
+        todo = [r for r in records if not (args.resume and r.file and sidecars[r.file].exists())]
         for res in run_share(todo):
             if res.caption is None:
                 n_bad += 1
                 continue
-            write_atomic(sidecar_path(res.file), res.caption + "\n")
+            write_atomic(sidecars[res.file], res.caption + "\n")
             n_ok += 1
     elif args.output:
         out = Path(args.output)

@@ -222,6 +222,21 @@ def test_cli_sidecar(toy_cli, model_dir, photos, capsys):
     assert Path(first).with_suffix(".txt").read_text() == expected[first] + "\n"
 
 
+def test_same_stem_images_get_distinct_ids_and_sidecars(toy_cli, model_dir, photos, tmp_path, capsys):
+    root, expected, _ = photos
+    a, b = sorted(expected)[:2]
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    shutil.copy(a, twin / "photo.png")
+    shutil.copy(b, twin / "photo.jpg")
+    recs = collect_images([twin, twin / "photo.png"])  # the same file twice counts once
+    assert sorted(r.image_id for r in recs) == ["photo.jpg", "photo.png"]
+    assert run_cli(capsys, twin, "--model", model_dir, "--sidecar")[0] == 0
+    assert (twin / "photo.png.txt").read_text() == expected[a] + "\n"
+    assert (twin / "photo.jpg.txt").read_text() == expected[b] + "\n"
+    assert not (twin / "photo.txt").exists()
+
+
 def test_cli_resume_from_parts(toy_cli, model_dir, photos, tmp_path, capsys):
     root, expected, broken = photos
     out = tmp_path / "caps.jsonl"
