@@ -194,9 +194,15 @@ def test_run_directory_safety(seeded_runs, corpus):
         run_api(corpus, out, resume=True, epochs=7, overrides=["data.train.limit=3"])
     # a change of run.* settings only is fine: the finished run is found complete
     before = (out / "run" / "train_log.jsonl").read_text()
+    files = sorted(p for d in ("model", "checkpoints") for p in (out / "run" / d).rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
     assert run_api(corpus, out, resume=True, epochs=6, data=with_val(corpus),
                    overrides=["run.log_every=5"]) == a
     assert (out / "run" / "train_log.jsonl").read_text() == before
+    # ... and left as it was: neither the final model nor the last checkpoint is written again
+    assert sorted(p for d in ("model", "checkpoints") for p in (out / "run" / d).rglob("*") if p.is_file()) == files
+    assert [str(p.relative_to(out)) for p, a, b in zip(files, stamps, [p.stat().st_mtime_ns for p in files])
+            if a != b] == []
 
 
 def test_max_steps_and_a_stale_log(corpus, tmp_path):

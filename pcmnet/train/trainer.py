@@ -449,6 +449,7 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
     bar = tqdm(total=total, initial=state.step, desc=f"train ({cfg.mode})", unit="step",
                disable=not accelerator.is_main_process)
     done = state.step >= total
+    finished_before = done and (out / "model" / "config.json").is_file()  # --resume of a finished run
     while not done and state.epoch < cfg.optim.epochs:
         loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch) if state.batch else loader
@@ -487,11 +488,14 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
                 _validate(cfg, accelerator, model, val_loader, step_fn, state)
             save_checkpoint(accelerator, out, state, model, cfg.run.keep_checkpoints)
     bar.close()
-    if val_loader is not None:
-        _validate(cfg, accelerator, model, val_loader, step_fn, state)
-    save_checkpoint(accelerator, out, state, model, cfg.run.keep_checkpoints)
     final = out / "model"
-    if accelerator.is_main_process:
+    if finished_before:
+        log.info("already finished (%d steps); the model is %s", state.step, final)
+    elif val_loader is not None:
+        _validate(cfg, accelerator, model, val_loader, step_fn, state)
+    if not finished_before:
+        save_checkpoint(accelerator, out, state, model, cfg.run.keep_checkpoints)
+    if accelerator.is_main_process and not finished_before:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp)
