@@ -17,6 +17,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in every test, as in the OMP_NUM_THREADS=1 subprocesses some tests
+    start, so that results compared across processes match bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def coco_mini():
     """The shared coco-mini benchmark; tests that need it skip (saying so) where it is absent."""

@@ -23,14 +23,6 @@ TESTS = Path(__file__).resolve().parent
 CAPTIONS = ["a red bus", "two brown dogs", "a man on a horse", "a small green boat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A toy captioner that learned one caption per image of `make_images(..., 4)`."""

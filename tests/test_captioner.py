@@ -15,15 +15,6 @@ from toys import ToyBackbone, make_images
 CAPTIONS = ["a red bus on the street", "two dogs play in the park", "a man rides a brown horse"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~50x faster than two fighting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # vocabulary
 

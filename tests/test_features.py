@@ -334,17 +334,8 @@ def _count(log: Path) -> int:
     return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
 
 
-@pytest.fixture
-def one_thread():
-    """Same intra-op thread count as the OMP_NUM_THREADS=1 subprocesses, so results match bitwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_kill9_mid_run_resumes_and_matches_a_fresh_run(tmp_path, one_thread):
+def test_kill9_mid_run_resumes_and_matches_a_fresh_run(tmp_path):
     n, batch, shard = 40, 4, 8
     make_images(tmp_path / "img", n)
     recs = read_folder(tmp_path / "img")  # the records `pcmnet features --data img/` reads
@@ -432,7 +423,7 @@ with open(f"{{out}}.r{{rank}}.json", "w") as f:
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_work_and_match_one_process(tmp_path, one_thread):
+def test_two_processes_split_the_work_and_match_one_process(tmp_path):
     make_images(tmp_path / "img", 13)
     (tmp_path / "img" / "img005.png").write_bytes(b"broken")  # one unreadable image
     script = tmp_path / "acc.py"

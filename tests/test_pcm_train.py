@@ -37,14 +37,6 @@ SYNTH_CAPTIONS = ["a red dog on a beach", "a small cat on a sofa", "a green bus 
                   "a tall man on a hill", "a blue boat on a lake", "an old clock on a wall"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
 RGB = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30), "small": (240, 240, 240),
        "big": (20, 20, 20), "old": (200, 120, 40)}
 

@@ -24,21 +24,13 @@ from pcmnet.train import semi
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.rewards import CaptionReward, CiderD, SoftText, text_template
 from pcmnet.train.trainer import train
-from toys import ToyBackbone, make_images
+from toys import ToyBackbone, complete_checkpoints, logged_steps, make_images
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 SEMI_TOY = TESTS / "scripts" / "semi_toy.py"
 WORDS = ["red", "blue", "green", "small", "big", "old", "new", "tall"]
 SECRET = "zebrafish"  # only in the captions of the unlabeled images
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -474,31 +466,6 @@ def test_gumbel_run_resumes_exactly_from_a_mid_epoch_checkpoint(corpus, tmp_path
     assert read_log(run / "stage2" / "train_log.jsonl") == read_log(a.parent / "stage2" / "train_log.jsonl")
 
 
-def _complete_checkpoints(stage: Path) -> list[dict]:
-    out = []
-    for d in sorted((stage / "checkpoints").glob("step-*")) if (stage / "checkpoints").exists() else []:
-        try:
-            if not d.name.endswith(".tmp"):
-                out.append(json.loads((d / "trainer_state.json").read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return out
-
-
-def _logged_steps(stage: Path) -> list[int]:
-    try:
-        lines = (stage / "train_log.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            pass
-    return steps
-
-
 def _kill_mid_epoch(cfg: Path, stage: Path, cwd: Path, resume: bool) -> int:
     """Start the toy run in a subprocess, kill -9 it once `stage`'s newest checkpoint is mid-epoch
     and a later step was logged; return that checkpoint's step."""
@@ -509,8 +476,8 @@ def _kill_mid_epoch(cfg: Path, stage: Path, cwd: Path, resume: bool) -> int:
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            done = _complete_checkpoints(stage)
-            if done and done[-1]["batch"] > 0 and max(_logged_steps(stage), default=0) > done[-1]["step"]:
+            done = complete_checkpoints(stage)
+            if done and done[-1]["batch"] > 0 and max(logged_steps(stage), default=0) > done[-1]["step"]:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = done[-1]["step"]
                 break
@@ -520,7 +487,7 @@ def _kill_mid_epoch(cfg: Path, stage: Path, cwd: Path, resume: bool) -> int:
             proc.kill()
         proc.wait()
     assert killed_at is not None, proc.stderr.read().decode()[-2000:]
-    last = _complete_checkpoints(stage)[-1]
+    last = complete_checkpoints(stage)[-1]
     assert last["step"] == killed_at and last["batch"] > 0, (killed_at, last)  # else rerun on a calmer box
     return killed_at
 
@@ -530,7 +497,7 @@ def test_exact_resume_after_kills_in_both_stages(full_run, corpus, tmp_path):
     cfg = write_config(corpus, tmp_path)
     run = tmp_path / "run"
     k1 = _kill_mid_epoch(cfg, run / "stage1", tmp_path, resume=False)
-    assert not (run / "stage1" / "model").exists() and max(_logged_steps(run / "stage1")) > k1
+    assert not (run / "stage1" / "model").exists() and max(logged_steps(run / "stage1")) > k1
     # resumed: stage 1 continues from its checkpoint, finishes; stage 2 starts and is killed mid-epoch
     k2 = _kill_mid_epoch(cfg, run / "stage2", tmp_path, resume=True)
     assert (run / "stage1" / "model").exists() and not (run / "model").exists() and k2 >= 1

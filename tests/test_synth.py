@@ -29,14 +29,6 @@ CAPTIONS = [f"a {c} {o} on a {p}" for c, o, p in [
     ("blue", "boat", "lake"), ("old", "clock", "wall"), ("white", "horse", "field")]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: threads only add contention for a model this small
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pcmnet.backbones.base import BackboneConfig
 from pcmnet.data.readers import CorpusConfig
@@ -38,14 +37,6 @@ assert main(["synth", "--captions", caps, "--model", tiny, "--out", out, "--imag
 assert main(["synth", "score", "--manifest", out, "--backbone", "mini", "--backbone-model", "4",
              "--batch-size", "3"]) == 0
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def stable_rows(rows):

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pcmnet.backbones.base import BackboneConfig
 from pcmnet.cli import main
@@ -19,14 +18,6 @@ from pcmnet.synth.generate import generate
 
 N = 24
 ARGS = ["--steps", "4", "--batch-size", "2", "--backbone", "none", "--scheduler", "dpmpp"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the OMP_NUM_THREADS=1 subprocesses: bitwise equal results
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ THINGS = ["cat", "dog", "bus", "plate", "kite", "horse"]
 PLACES = ["street", "park", "table", "beach"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_coco(path: Path, image_dir: Path, n_images: int, offset: int = 0, seed: int = 0) -> Path:
     """A COCO caption json of n_images toy images (real files) with 4 captions each."""
     paths = make_images(image_dir, n_images, seed=seed)

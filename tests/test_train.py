@@ -19,21 +19,11 @@ from pcmnet.errors import PcmnetError
 from pcmnet.models.captioner import Captioner
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.trainer import EpochSampler, lr_factor, train
-from toys import ToyBackbone, make_images
+from toys import ToyBackbone, complete_checkpoints, logged_steps, make_images
 
 TESTS = Path(__file__).resolve().parent
 TOY_SCRIPT = TESTS / "scripts" / "train_toy.py"
 WORDS = ["red", "blue", "green", "small", "big", "old", "new", "tall"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread (and the same count in every run
-    whose bits are compared, including the subprocesses: OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -272,33 +262,6 @@ def test_cli_unknown_key_and_print_config(corpus, tmp_path, capsys):
 # exact resume after kill -9
 
 
-def _complete_checkpoints(run: Path) -> list[dict]:
-    out = []
-    for d in sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else []:
-        f = d / "trainer_state.json"
-        if d.name.endswith(".tmp") or not f.exists():
-            continue
-        try:
-            out.append(json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError):  # removed (keep_checkpoints) while we looked
-            continue
-    return out
-
-
-def _logged_steps(run: Path) -> list[int]:
-    try:
-        lines = (run / "train_log.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            pass
-    return steps
-
-
 @pytest.mark.slow
 def test_exact_resume_after_kill(corpus, tmp_path):
     epochs = 8  # 24 steps; checkpoints every 2 steps fall mid-epoch at steps 2, 4, 8, 10, ...
@@ -313,11 +276,11 @@ def test_exact_resume_after_kill(corpus, tmp_path):
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            done = _complete_checkpoints(run_b)
+            done = complete_checkpoints(run_b)
             # kill once the newest checkpoint is mid-epoch and a step after it was logged (if this
             # window is missed on a busy machine, the next mid-epoch checkpoint gives another one)
             if done and done[-1]["batch"] > 0 and done[-1]["step"] >= 4 \
-                    and max(_logged_steps(run_b), default=0) > done[-1]["step"]:
+                    and max(logged_steps(run_b), default=0) > done[-1]["step"]:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = done[-1]["step"]
                 break
@@ -328,11 +291,11 @@ def test_exact_resume_after_kill(corpus, tmp_path):
         proc.wait()
     assert killed_at is not None, proc.stderr.read().decode()[-2000:]
     assert not (run_b / "model").exists()
-    last = _complete_checkpoints(run_b)[-1]
+    last = complete_checkpoints(run_b)[-1]
     # the run restarts from the middle of an epoch (a newer checkpoint may have been completed
     # between the last look and the kill; then this test has to be rerun on a calmer machine)
     assert last["step"] == killed_at and last["batch"] > 0, (killed_at, last)
-    assert max(_logged_steps(run_b)) > last["step"]  # steps after it were logged and are redone
+    assert max(logged_steps(run_b)) > last["step"]  # steps after it were logged and are redone
 
     b = run_api(corpus, tmp_path / "b", resume=True, epochs=epochs)
     assert_same_weights(weights(a), weights(b))

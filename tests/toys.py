@@ -1,4 +1,5 @@
-"""Tiny deterministic stand-ins used across the unit tests (no downloads, milliseconds to run).
+"""Tiny deterministic stand-ins used across the unit tests (no downloads, milliseconds to run),
+and helpers that watch a training run from outside (kill/resume tests).
 
 `ToyBackbone` honours the full backbone contract of pcmnet.backbones.base with random weights:
 a 16x16 image is cut into 4x4 patches (N=16, Dv=32) and projected into a D=24 joint space by the
@@ -7,7 +8,9 @@ embeddings. It is NOT a captioning model; it only lets tests exercise real code 
 """
 from __future__ import annotations
 
+import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,3 +89,33 @@ def make_images(folder, n: int = 6, size=(40, 30), seed: int = 0) -> list:
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+def complete_checkpoints(run) -> list[dict]:
+    """trainer_state.json of every complete checkpoint of a run (or stage) directory, oldest first;
+    safe while the run writes and prunes them."""
+    ckpts = Path(run) / "checkpoints"
+    out = []
+    for d in sorted(ckpts.glob("step-*")) if ckpts.exists() else []:
+        if d.name.endswith(".tmp"):
+            continue
+        try:
+            out.append(json.loads((d / "trainer_state.json").read_text()))
+        except (OSError, json.JSONDecodeError):  # not complete yet, or removed while we looked
+            continue
+    return out
+
+
+def logged_steps(run) -> list[int]:
+    """Steps in a run's train_log.jsonl (a line cut by a kill is skipped)."""
+    try:
+        lines = (Path(run) / "train_log.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            pass
+    return steps

@@ -16,23 +16,15 @@ DEFAULTS = {  # kind -> (fields, batch size, shard size)
 
 
 def add_parser(sub) -> None:
-    from ..data.readers import FORMATS
+    from ..cli_args import add_backbone_args, add_corpus_args
 
     p = sub.add_parser("features", help="extract backbone features into a resumable cache",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="corpus path (any format pcmnet reads)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: guess)")
-    p.add_argument("--images", help="image root (default: next to the annotation file)")
-    p.add_argument("--split-file", help="json {split: [ids]} or a list of image names")
-    p.add_argument("--split", help="split name (Karpathy split, split-file key, HF split)")
-    p.add_argument("--limit", type=int, help="keep the first N records")
+    add_corpus_args(p, "corpus path (any format pcmnet reads)", images=True)
     p.add_argument("--kind", choices=("image", "text"), default="image",
                    help="image features of the images, or text features of the captions")
     p.add_argument("--cache", required=True, help="cache directory")
-    p.add_argument("--backbone", default="mini", help="mini | open_clip | hf-clip (default: mini)")
-    p.add_argument("--backbone-model", help="open_clip model name, HF id or dir, or mini heads file")
-    p.add_argument("--backbone-pretrained", help="open_clip pretrained tag or checkpoint")
-    p.add_argument("--device", help="cpu, cuda, ... (default: the process's accelerate device)")
+    add_backbone_args(p, device_help="cpu, cuda, ... (default: the process's accelerate device)")
     p.add_argument("--fields", help="comma-separated: embeds,patches,patch_embeds (image; default "
                                     "all) or embeds,tokens,mask (text; default embeds)")
     p.add_argument("--batch-size", type=int, help="default 64 (image) / 256 (text)")
@@ -44,8 +36,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..backbones.base import BackboneConfig, load_backbone
-    from ..data.readers import CorpusConfig, load_corpus
+    from ..backbones.base import load_backbone
+    from ..cli_args import backbone_config, corpus_config
+    from ..data.readers import load_corpus
     from ..data.records import iter_captions
     from ..errors import PcmnetError
     from ..distributed import process_state
@@ -54,11 +47,8 @@ def run(args) -> int:
     state = process_state()
     fields, batch_size, shard_size = DEFAULTS[args.kind]
     fields = tuple(f.strip() for f in (args.fields or fields).split(",") if f.strip())
-    records = load_corpus(CorpusConfig(path=args.data, format=args.format, images=args.images,
-                                       split=args.split, split_file=args.split_file, limit=args.limit))
-    backbone = load_backbone(BackboneConfig(name=args.backbone, model=args.backbone_model,
-                                            pretrained=args.backbone_pretrained),
-                             device=args.device or str(state.device))
+    records = load_corpus(corpus_config(args))
+    backbone = load_backbone(backbone_config(args), device=args.device or str(state.device))
     common = dict(batch_size=batch_size if args.batch_size is None else args.batch_size,
                   shard_size=shard_size if args.shard_size is None else args.shard_size,
                   progress=not args.no_progress, accelerator=state)

@@ -13,17 +13,14 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from ..data.readers import FORMATS
+    from ..cli_args import add_backbone_args, add_corpus_args
 
     p = sub.add_parser("concepts", help="build the concept vocabulary of PCM-Net",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="caption corpus to take the most frequent nouns from")
     src.add_argument("--words", help="a word list instead: one concept per line")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: guess)")
-    p.add_argument("--split-file", help="json {split: [ids]} or a list of image names")
-    p.add_argument("--split", help="split name (Karpathy split, split-file key, HF split)")
-    p.add_argument("--limit", type=int, help="keep the first N records")
+    add_corpus_args(p, "")  # --format, --split-file, --split, --limit for --data
     p.add_argument("--k", type=int, default=400, help="number of nouns (default 400)")
     p.add_argument("--tagger", default="auto", choices=("auto", "textblob", "heuristic"),
                    help="part-of-speech tagger (default: textblob if installed, else a heuristic)")
@@ -32,16 +29,14 @@ def add_parser(sub) -> None:
     p.add_argument("--templates", help="prompt templates, one per line with {} for the word "
                                        "(default: 8 CLIP ImageNet templates, see docs/pcm.md)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--backbone", default="mini", help="mini | open_clip | hf-clip (default: mini)")
-    p.add_argument("--backbone-model", help="open_clip model name, HF id or dir, or mini heads file")
-    p.add_argument("--backbone-pretrained", help="open_clip pretrained tag or checkpoint")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add_backbone_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..backbones.base import BackboneConfig, load_backbone
-    from ..data.readers import CorpusConfig, load_corpus
+    from ..backbones.base import load_backbone
+    from ..cli_args import backbone_config, corpus_config
+    from ..data.readers import load_corpus
     from ..data.records import iter_captions
     from ..errors import PcmnetError
     from .concepts import (DEFAULT_TEMPLATES, NON_CONCEPT_NOUNS, concept_meta, embed_concepts,
@@ -54,9 +49,7 @@ def run(args) -> int:
         words = read_word_list(args.words)
         source = {"words_file": str(args.words)}
     else:
-        records = load_corpus(CorpusConfig(path=args.data, format=args.format, split=args.split,
-                                           split_file=args.split_file, limit=args.limit),
-                              require_captions=True)
+        records = load_corpus(corpus_config(args), require_captions=True)
         captions = [c.caption for c in iter_captions(records)]
         tagger = args.tagger if args.tagger != "auto" else ("textblob" if has_tagger() else "heuristic")
         words = frequent_nouns(captions, args.k, tagger=tagger,
@@ -66,8 +59,7 @@ def run(args) -> int:
         source = {"data": str(args.data), "format": args.format, "split": args.split,
                   "captions": len(captions), "k": args.k, "tagger": tagger,
                   "keep_all_nouns": args.keep_all_nouns}
-    backbone = load_backbone(BackboneConfig(name=args.backbone, model=args.backbone_model,
-                                            pretrained=args.backbone_pretrained), device=args.device)
+    backbone = load_backbone(backbone_config(args), device=args.device)
     emb = embed_concepts(words, backbone, templates)
     out = save_concepts(args.out, words, emb, concept_meta(backbone, templates, **source))
     shown = ", ".join(words[:12]) + (", ..." if len(words) > 12 else "")

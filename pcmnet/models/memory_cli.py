@@ -27,25 +27,16 @@ DEFAULT_CACHE = ".cache/pcmnet-features"  # the trainer's run.cache_dir default
 
 
 def add_parser(sub) -> None:
-    from ..data.readers import FORMATS
+    from ..cli_args import add_backbone_args, add_corpus_args
 
     p = sub.add_parser("memory", help="build a projection memory (DeCap / FusionCap) from a caption corpus",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="caption corpus (any format pcmnet reads)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: guess)")
-    p.add_argument("--split", help="split name (Karpathy split, split-file key, HF split)")
-    p.add_argument("--split-file", help="json {split: [ids]} or a list of image names")
-    p.add_argument("--caption-column", help="csv/tsv/hf caption column (default: caption, prompt, text, ...)")
-    p.add_argument("--limit", type=int, help="keep the first N records")
+    add_corpus_args(p, "caption corpus (any format pcmnet reads)", caption_column=True)
     p.add_argument("--out", required=True,
                    help="memory file (.safetensors), or with --model the new model directory")
     p.add_argument("--model", help="a trained text-only model directory: write a copy of it (--out) "
                                    "that uses this memory instead of its own")
-    p.add_argument("--backbone", default="mini", help="mini | open_clip | hf-clip (default: mini; "
-                                                      "with --model: the model's backbone)")
-    p.add_argument("--backbone-model", help="open_clip model name, HF id or dir, or mini heads file")
-    p.add_argument("--backbone-pretrained", help="open_clip pretrained tag or checkpoint")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add_backbone_args(p, "mini | open_clip | hf-clip (default: mini; with --model: the model's backbone)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help=f"feature cache directory (default {DEFAULT_CACHE})")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32", "bfloat16"),
                    help="memory storage (default float16: 500k x 512 = 512 MB)")
@@ -119,8 +110,9 @@ def attach_memory(model_dir: str | Path, memory, out_dir: str | Path) -> Path:
 def run(args) -> int:
     import logging
 
-    from ..backbones.base import BackboneConfig, load_backbone
-    from ..data.readers import CorpusConfig, load_corpus
+    from ..backbones.base import load_backbone
+    from ..cli_args import backbone_config, corpus_config
+    from ..data.readers import load_corpus
     from ..errors import PcmnetError
 
     log = logging.getLogger("pcmnet")
@@ -135,15 +127,12 @@ def run(args) -> int:
             raise PcmnetError(f"{args.out}: already exists; choose a new --out directory")
     elif Path(args.out).is_dir():
         raise PcmnetError(f"{args.out}: is a directory; --out is the memory file (or pass --model)")
-    records = load_corpus(CorpusConfig(path=args.data, format=args.format, split=args.split,
-                                       split_file=args.split_file, caption_column=args.caption_column,
-                                       limit=args.limit), require_captions=True)
+    records = load_corpus(corpus_config(args), require_captions=True)
     if args.model is not None:
         spec = json.loads((Path(args.model) / "config.json").read_text())["backbone"]["spec"]
         backbone = load_backbone(spec, device=args.device)
     else:
-        backbone = load_backbone(BackboneConfig(name=args.backbone, model=args.backbone_model,
-                                                pretrained=args.backbone_pretrained), device=args.device)
+        backbone = load_backbone(backbone_config(args), device=args.device)
     memory = build_memory(records, backbone, args.cache, corpus=args.data, dtype=args.dtype,
                           temperature=args.temperature, batch_size=args.batch_size,
                           progress=not args.no_progress)
