@@ -37,14 +37,14 @@ def make_step(table, K):
 
 
 def seq_logp(table, words, max_len):
-    """Sum of log-probs of words + the final eos (log-prob 0 when forced after max_len words)."""
+    """Sum of log-probs of words + the final eos (also when it is forced after max_len words:
+    a caption cut at the limit pays for its eos like any other)."""
+    assert len(words) <= max_len
     toks = [BOS, BOS] + list(words)
     s = 0.0
     for i, w in enumerate(words):
         s += float(table[toks[i], toks[i + 1], w])
-    if len(words) < max_len:
-        s += float(table[toks[-2], toks[-1], EOS])
-    return s
+    return s + float(table[toks[-2], toks[-1], EOS])
 
 
 def has_repeat(words, n):
@@ -112,7 +112,8 @@ def greedy(table, max_len):
     for t in range(max_len + 1):
         logp = table[toks[-2], toks[-1]]
         if t == max_len:
-            break  # forced eos at log-prob 0
+            score += float(logp[EOS])  # the forced eos, at its own log-prob
+            break
         w = int(logp.argmax())
         score += float(logp[w])
         if w == EOS:
@@ -157,7 +158,9 @@ def repeating_table():
 
 def test_without_ban_the_table_repeats():
     table = repeating_table()
-    toks, _ = beam_search(make_step(table[None].float(), 2), 1, BOS, EOS, PAD, beam_size=2, max_len=6)
+    # greedy: every step prefers the next word to eos (a wider beam would keep the immediate eos,
+    # which costs the same log p(eos) as the eos forced after the last word, and wins by a hair)
+    toks, _ = beam_search(make_step(table[None].float(), 1), 1, BOS, EOS, PAD, beam_size=1, max_len=6)
     assert trim(toks[0].tolist()) == [3, 4, 3, 4, 3, 4]
 
 

@@ -46,9 +46,9 @@ def beam_search(step: Callable[[torch.Tensor], torch.Tensor], batch_size: int, b
         logp = step(tokens).float()  # [B*K, V]
         V = logp.shape[-1]
         logp = logp.view(B, K, V)
-        if t == max_len:  # out of room: only eos may follow
-            forced = torch.full_like(logp, float("-inf"))
-            forced[..., eos_id] = 0.0
+        if t == max_len:  # out of room: only eos may follow, at its own cost (a beam cut at the
+            forced = torch.full_like(logp, float("-inf"))  # limit pays log p(eos) like any other)
+            forced[..., eos_id] = logp[..., eos_id]
             logp = forced
         if no_repeat_ngram > 0:
             for row, bad in enumerate(_banned_by_ngram(tokens[:, 1:].tolist(), no_repeat_ngram)):
