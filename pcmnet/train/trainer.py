@@ -133,7 +133,9 @@ def pair_clip_scores(cfg: TrainConfig, backbone, accelerator, view, rows, record
     scores = torch.full((len(rows),), float("nan"))
     for j, (i, _, _) in enumerate(rows):
         meta = records[i].meta if records is not None else {}
-        if meta.get("clip_score") is not None and meta.get("clip_backbone") == fingerprint:
+        # a stored score belongs to the record's one (synthesized) caption, not to merged extras
+        if meta.get("clip_score") is not None and meta.get("clip_backbone") == fingerprint \
+                and len(records[i].captions) == 1:
             scores[j] = float(meta["clip_score"])
     todo = scores.isnan().nonzero().flatten().tolist()
     log.info("CLIP weights: %d pairs keep their synthesis score by %s, %d are scored from the feature cache",
@@ -285,11 +287,19 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, accelerator) -> tuple[Path,
         before = yaml.safe_load(saved.read_text())
         now = to_dict(cfg)
         diff = [k for k in now if k != "run" and before.get(k) != now[k]]
+        if before.get("run", {}).get("seed") != now["run"]["seed"]:  # the batch order depends on it
+            diff.append("run.seed")
         if diff:
             raise PcmnetError(f"{saved}: --resume with a different config (sections: {', '.join(diff)}); "
                               "resume with the same settings or start a new run.output_dir")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if not existing and not any(out.glob("*/checkpoints/step-*")):
+            # nothing to resume: what a run killed before its first checkpoint derived from its
+            # data (vocabulary, concepts, labeled subset) may belong to another config; rebuild it
+            for name in ("tokenizer", "concepts"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "labeled.json").unlink(missing_ok=True)
         saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     accelerator.wait_for_everyone()
     return out, (existing[-1] if resume and existing else None)
@@ -346,6 +356,8 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> Path:
         raise ConfigError(f"unknown mode '{cfg.mode}' (one of: {', '.join(MODES)})")
     if cfg.mode == "pcm" and cfg.model.inputs != "pcm":  # before loading a backbone of gigabytes
         raise ConfigError("mode pcm needs model.inputs: pcm (turn PCM off with model.pcm.enabled: false)")
+    cfg.optim.validate()
+    cfg.run.validate()
     accelerator = make_accelerator(cfg)
     if cfg.optim.batch_size % accelerator.num_processes:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by the "
@@ -467,7 +479,7 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
             state.batch += 1
             seen += 1
             bar.update(1)
-            if state.step % cfg.run.log_every == 0 or state.step == total:
+            if (cfg.run.log_every and state.step % cfg.run.log_every == 0) or state.step == total:
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
                 rec = {"step": state.step, "epoch": state.epoch, "loss": round(mean_loss, 5),
                        "lr": lr, "steps_per_s": round(seen / (time.time() - t0), 3)}
@@ -479,12 +491,14 @@ def run_loop(cfg: TrainConfig, accelerator, model, loader, step_fn, out: Path, l
             if state.step >= total:
                 done = True
                 break
+            if val_loader is not None and cfg.run.eval_every and state.step % cfg.run.eval_every == 0:
+                _validate(cfg, accelerator, model, val_loader, step_fn, state)
             if cfg.run.save_every and state.step % cfg.run.save_every == 0 and state.batch < len(loader):
                 save_checkpoint(accelerator, out, state, model, cfg.run.keep_checkpoints)
         if not done:
             state.epoch += 1
             state.batch = 0
-            if val_loader is not None:
+            if val_loader is not None and not cfg.run.eval_every:
                 _validate(cfg, accelerator, model, val_loader, step_fn, state)
             save_checkpoint(accelerator, out, state, model, cfg.run.keep_checkpoints)
     bar.close()
