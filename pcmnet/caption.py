@@ -23,7 +23,7 @@ import torch
 
 from .data.readers import read_folder
 from .data.records import DataError, Record
-from .errors import CheckpointError, MissingWeightsError
+from .errors import MissingWeightsError
 
 log = logging.getLogger("pcmnet")
 
@@ -77,17 +77,15 @@ def _unique_ids(records: list[Record]) -> list[Record]:
 def load_captioner(model=None, backbone=None, device: str | None = None):
     """(captioner, backbone) from a model directory (default: the bundled offline model)."""
     from .backbones.base import load_backbone
-    from .models.captioner import Captioner
+    from .models.captioner import Captioner, read_model_config
 
     if model is None or isinstance(model, (str, os.PathLike)):
         model_dir = Path(model) if model is not None else DEFAULT_MODEL
         if model is None and not (model_dir / "config.json").exists():
             raise MissingWeightsError(f"the bundled default model is missing from {model_dir}; "
                                       "reinstall pcmnet or pass --model DIR")
-        if not (model_dir / "config.json").is_file():  # before loading (the default) backbone
-            raise CheckpointError(f"{model_dir}: not a pcmnet model directory (no config.json)")
+        spec = read_model_config(model_dir)["backbone"]["spec"]  # checked before loading a backbone
         if backbone is None:
-            spec = json.loads((model_dir / "config.json").read_text())["backbone"]["spec"]
             backbone = load_backbone(spec, device=device)
         model = Captioner.from_pretrained(model_dir, backbone=backbone)
     elif backbone is None:

@@ -29,7 +29,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import json
     import logging
     import shutil
     import time
@@ -37,12 +36,19 @@ def run(args) -> int:
 
     from .caption import (caption_records, collect_images, load_captioner, output_format, render,
                           sidecar_paths, write_atomic, CaptionResult)
+    from .data.jsonl import PartWriter, read_rows
     from .distributed import process_state
+    from .data.records import DataError
     from .errors import PcmnetError
 
     log = logging.getLogger("pcmnet")
     state = process_state()
     rank, world = state.process_index, state.num_processes
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
+                               ("--beam-size", args.beam_size, 1), ("--max-len", args.max_len, 1),
+                               ("--no-repeat-ngram", args.no_repeat_ngram, 0)):
+        if value is not None and value < least:
+            raise PcmnetError(f"{flag} must be at least {least}, got {value}")
     if world > 1 and not (args.output or args.sidecar):
         raise PcmnetError("with several processes, write results with --output FILE or --sidecar")
     fmt = output_format(args.output) if args.output else None
@@ -74,31 +80,21 @@ def run(args) -> int:
             shutil.rmtree(parts, ignore_errors=True)
         state.wait_for_everyone()
         parts.mkdir(parents=True, exist_ok=True)
-        done = {}
+        done = {}  # a line cut by a kill is skipped (that image is simply redone)
         for part in sorted(parts.glob("rank-*.jsonl")):
-            for line in part.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill; that image is simply redone
-                done[row["file"]] = row
+            done.update((row["file"], row) for row in read_rows(part))
         state.wait_for_everyone()
-        todo = [r for r in records if r.file not in done]
-        with open(parts / f"rank-{rank:05d}.jsonl", "a", encoding="utf-8") as f:
+        # images that failed before (unreadable then) are tried again
+        todo = [r for r in records if r.file not in done or done[r.file].get("caption") is None]
+        with PartWriter(parts / f"rank-{rank:05d}.jsonl") as writer:  # cuts a torn last line first
             for res in run_share(todo):
-                f.write(json.dumps(res.__dict__) + "\n")
-                f.flush()
+                writer.append([res.__dict__])
                 n_ok += res.caption is not None
                 n_bad += res.caption is None
         state.wait_for_everyone()
         if main:
             for part in sorted(parts.glob("rank-*.jsonl")):
-                for line in part.read_text().splitlines():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    done[row["file"]] = row
+                done.update((row["file"], row) for row in read_rows(part))
             ordered = [CaptionResult(**done[r.file]) for r in records if r.file in done]
             out.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(out, render(ordered, fmt))
@@ -114,4 +110,6 @@ def run(args) -> int:
     log.info("rank %d: captioned %d images (%d unreadable, skipped) in %.1f s (%.1f img/s)",
              rank, n_ok, n_bad, dt, n_ok / max(dt, 1e-9))
     state.wait_for_everyone()
+    if world == 1 and n_bad and not n_ok and not (args.resume and n_bad < len(records)):
+        raise DataError(f"none of the {n_bad} images could be read (see the warnings above)")
     return 0

@@ -231,6 +231,7 @@ def test_same_stem_images_get_distinct_ids_and_sidecars(toy_cli, model_dir, phot
 
 def test_cli_resume_from_parts(toy_cli, model_dir, photos, tmp_path, capsys):
     root, expected, broken = photos
+    Path(broken).unlink()  # so the first row appended after the torn line is a real image's
     out = tmp_path / "caps.jsonl"
     parts = tmp_path / "caps.jsonl.parts"
     parts.mkdir()
@@ -265,6 +266,12 @@ def test_cli_errors_are_one_line(toy_cli, model_dir, photos, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing_dir: no such file" in err
     code, out, err = run_cli(capsys, root, "--model", tmp_path / "not_a_model")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not_a_model" in err
+    for flag, value in (("--batch-size", "0"), ("--num-workers", "-1"), ("--beam-size", "0")):
+        code, out, err = run_cli(capsys, root, "--model", model_dir, flag, value)
+        assert code == 2 and err.strip().endswith(f"{flag} must be at least {1 if value == '0' else 0}, got {value}")
+    # nothing readable at all: an error (exit 2), not an empty success
+    code, out, err = run_cli(capsys, photos[2], "--model", model_dir)
+    assert code == 2 and out == "" and "none of the 1 images could be read" in err.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -224,6 +224,17 @@ def test_other_backbone_is_refused(trained, tmp_path):
     assert "\n" not in msg and str(d) in msg and "toy-0" in msg and "toy-1" in msg
     with pytest.raises(CheckpointError, match="not a pcmnet model directory"):
         Captioner.from_pretrained(tmp_path / "empty")
+    # a Hugging Face model folder, or a broken config.json: one-line errors, not KeyError / JSONDecodeError
+    from pcmnet.caption import load_captioner
+
+    for i, text in enumerate(('{"architectures": ["CLIPModel"]}', '{"model": ')):
+        other = tmp_path / f"other{i}"
+        other.mkdir()
+        (other / "config.json").write_text(text)
+        (other / "model.safetensors").write_bytes(b"")
+        for load in (Captioner.from_pretrained, load_captioner):
+            with pytest.raises(CheckpointError, match=f"other{i}: not a pcmnet model directory"):
+                load(other)
     # weights that do not fit the config
     meta = json.loads((d / "config.json").read_text())
     meta["model"]["inputs"] = "global"

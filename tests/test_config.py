@@ -126,6 +126,10 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     p2 = write(tmp_path, "- a\n- b\n", "list.yaml")
     with pytest.raises(ConfigError, match="top level of a config must be a mapping"):
         load_config(Outer, p2)
+    p3 = tmp_path / "latin1.yaml"
+    p3.write_bytes("seed: 3  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8"):
+        load_config(Outer, p3)
 
 
 def test_missing_file(tmp_path):

@@ -297,7 +297,7 @@ def test_cli_images_text_and_errors(tmp_path, toy_loader, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bogus" in err
     assert main(argv + ["--batch-size", "0"]) == 2
-    assert "batch_size must be >= 1" in capsys.readouterr().err
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
     assert main(["features", "--data", str(txt), "--cache", cache, "--no-progress"]) == 2
     assert "no images" in capsys.readouterr().err
 

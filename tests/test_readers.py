@@ -358,6 +358,32 @@ def test_limit_and_dispatch_errors(tmp_path):
     with pytest.raises(DataError) as e:
         load_corpus(str(bad))
     assert "not UTF-8" in one_line(e)
+    bad_csv = tmp_path / "latin1.csv"
+    bad_csv.write_bytes("image,caption\na.jpg,un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_corpus(str(bad_csv))
+    assert "latin1.csv: not UTF-8" in one_line(e)
+    # a split name without a split file is an error for corpora that carry no splits
+    with pytest.raises(DataError) as e:
+        load_corpus(CorpusConfig(path=str(p), split="tset"))
+    assert "split 'tset' needs a split file" in one_line(e)
+
+
+def test_missing_local_paths_are_not_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for path in ("data/captions.csv", "coco-mini/captions.json", "data/folder"):
+        with pytest.raises(DataError, match="no such file"):
+            detect_format(path)
+    assert detect_format("nlphuji/flickr30k") == "hf"  # a hub id (not fetched here)
+
+
+def test_karpathy_sentences_must_be_objects(tmp_path):
+    p = tmp_path / "k.json"
+    p.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": ["a dog"]}]}))
+    with pytest.raises(DataError) as e:
+        load_corpus(CorpusConfig(path=str(p), format="karpathy"))
+    assert "images[0].sentences[0] is not an object" in one_line(e)
 
 
 # ------------------------------------------------------------------------------------------------

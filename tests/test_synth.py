@@ -223,6 +223,12 @@ def test_rerun_with_other_settings_is_refused(corpus, tiny_dir, tiny_pipe, tmp_p
     cfg.steps = 3
     with pytest.raises(PcmnetError, match=r"steps=2 \(now 3\)"):
         generate(cfg, pipe=tiny_pipe)
+    # a folder left by a first run that never made a pair (its pipeline failed to load) is re-set
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / mf.SETTINGS).write_text(json.dumps({"model": "somewhere/else", "steps": 50}))
+    generate(make_cfg(corpus, tiny_dir, fresh, limit=1), pipe=tiny_pipe)
+    assert json.loads((fresh / mf.SETTINGS).read_text())["steps"] == 2
 
 
 def test_duplicate_caption_ids_are_refused(tiny_dir, tiny_pipe, tmp_path):
@@ -371,7 +377,7 @@ def test_load_corpus_reads_manifest_dir_and_file(corpus, tiny_dir, tiny_pipe, tm
 # export
 
 
-def test_export_round_trip(corpus, tiny_dir, tiny_pipe, tmp_path):
+def test_export_round_trip(corpus, tiny_dir, tiny_pipe, tmp_path, monkeypatch):
     out = tmp_path / "out"
     generate(make_cfg(corpus, tiny_dir, out), pipe=FlaggingPipe(tiny_pipe, "bus"),
              backbone=ToyBackbone(seed=3).freeze())
@@ -409,4 +415,20 @@ def test_export_round_trip(corpus, tiny_dir, tiny_pipe, tmp_path):
 
     with pytest.raises(PcmnetError, match="not empty"):
         export(out, tmp_path / "hf")
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+    # push_to_hub (no network here): the local export is kept, the failure is one line, and the
+    # shard size reaches `datasets` as a number of bytes
+    calls = []
+
+    def no_network(self, repo, **kw):
+        calls.append((repo, kw))
+        raise ConnectionError("Couldn't reach the Hub\n(offline)")
+
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", no_network)
+    with pytest.raises(PcmnetError) as e:
+        export(out, tmp_path / "pushed", fmt="hf", push_to_hub="me/synth", max_shard_mb=500)
+    assert "\n" not in str(e.value) and "exported, but pushing to the hub as 'me/synth' failed" in str(e.value)
+    assert calls == [("me/synth", {"max_shard_size": 500 * 2**20})]
+    assert sorted(r.image_id for r in load_corpus(CorpusConfig(path=str(tmp_path / "pushed")))) == sorted(synth)
     assert not list(tmp_path.glob(".*.tmp-*"))

@@ -152,6 +152,8 @@ def read_karpathy(path, images: str | None = None, split: str | None = None) -> 
         image_id = im.get("cocoid", im.get("imgid", Path(im["filename"]).stem))
         caps, ids = [], []
         for j, s in enumerate(im.get("sentences", [])):
+            if not isinstance(s, dict):
+                raise DataError(f"{path}: images[{i}].sentences[{j}] is not an object with 'raw' or 'tokens'")
             cap = _clean(s.get("raw") or " ".join(s.get("tokens", [])))
             if cap:
                 caps.append(cap)
@@ -205,36 +207,43 @@ def read_table(path, delimiter: str | None = None, caption_column=None, image_co
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        if not columns:
-            raise DataError(f"{path}: empty file (no header row)")
-        cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, path, "caption", required=False)
-        img_col = _pick(columns, image_column, IMAGE_COLUMNS, path, "image", required=False)
-        if cap_col is None and img_col is None:
-            raise DataError(f"{path}: found neither a caption nor an image column "
-                            f"(columns: {', '.join(columns)}); set caption_column or image_column")
-        id_col = _pick(columns, id_column, ID_COLUMNS, path, "id", required=False)
-        records: dict[str, Record] = {}
         try:
-            for row in reader:
-                lineno = reader.line_num
-                if None in row:
-                    raise DataError(f"{path}:{lineno}: more fields than the header has")
-                img = row.get(img_col) if img_col else None
-                key = row.get(id_col) if id_col else None
-                key = key or (Path(img).stem if img else f"row{lineno - 1}")
-                rec = records.get(key)
-                if rec is None:
-                    rec = records[key] = Record(image_id=key, file=_resolve(root, img))
-                if cap_col:
-                    cap = _clean(row.get(cap_col) or "")
-                    if cap:
-                        rec.captions.append(cap)
-                        rec.caption_ids.append(f"{key}#{len(rec.captions) - 1}" if id_col or img_col
-                                               else key)
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
+            return _read_table_rows(path, f, delimiter, caption_column, image_column, id_column, root)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_table_rows(path: Path, f, delimiter, caption_column, image_column, id_column, root) -> list[Record]:
+    reader = csv.DictReader(f, delimiter=delimiter)
+    columns = reader.fieldnames or []
+    if not columns:
+        raise DataError(f"{path}: empty file (no header row)")
+    cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, path, "caption", required=False)
+    img_col = _pick(columns, image_column, IMAGE_COLUMNS, path, "image", required=False)
+    if cap_col is None and img_col is None:
+        raise DataError(f"{path}: found neither a caption nor an image column "
+                        f"(columns: {', '.join(columns)}); set caption_column or image_column")
+    id_col = _pick(columns, id_column, ID_COLUMNS, path, "id", required=False)
+    records: dict[str, Record] = {}
+    try:
+        for row in reader:
+            lineno = reader.line_num
+            if None in row:
+                raise DataError(f"{path}:{lineno}: more fields than the header has")
+            img = row.get(img_col) if img_col else None
+            key = row.get(id_col) if id_col else None
+            key = key or (Path(img).stem if img else f"row{lineno - 1}")
+            rec = records.get(key)
+            if rec is None:
+                rec = records[key] = Record(image_id=key, file=_resolve(root, img))
+            if cap_col:
+                cap = _clean(row.get(cap_col) or "")
+                if cap:
+                    rec.captions.append(cap)
+                    rec.caption_ids.append(f"{key}#{len(rec.captions) - 1}" if id_col or img_col
+                                           else key)
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
     return list(records.values())
 
 
@@ -332,6 +341,9 @@ def read_hf(path, split: str | None = None, caption_column=None, image_column=No
 # dispatch
 
 
+LOCAL_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".tab", ".txt", ".token", ".parquet", ".arrow", ".yaml"}
+
+
 def detect_format(path: str) -> str:
     p = Path(path)
     if p.is_dir():
@@ -343,8 +355,10 @@ def detect_format(path: str) -> str:
             return "hf"  # parquet shards (e.g. `pcmnet synth export --format parquet`)
         return "folder"
     if not p.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-            return "hf"  # looks like a hub id
+        # "user/name" is a hub id, unless it names a file (known suffix) or a local folder
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and p.suffix.lower() not in LOCAL_SUFFIXES \
+                and not p.parent.exists():
+            return "hf"
         raise DataError(f"{path}: no such file or directory")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
@@ -407,6 +421,8 @@ def load_corpus(cfg: CorpusConfig | str, require_captions: bool = False,
         cfg = CorpusConfig(path=str(cfg))
     if not cfg.path:
         raise DataError("corpus path is empty (set data.<name>.path)")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise DataError(f"{cfg.path}: limit {cfg.limit} is negative")
     fmt = cfg.format
     if fmt not in FORMATS:
         raise DataError(f"unknown corpus format '{fmt}' (one of: {', '.join(FORMATS)})")
@@ -437,6 +453,9 @@ def load_corpus(cfg: CorpusConfig | str, require_captions: bool = False,
         from ..synth.manifest import read_manifest_records
 
         records = read_manifest_records(path)
+    if cfg.split and not cfg.split_file and fmt not in ("karpathy", "hf"):
+        raise DataError(f"{path}: split '{cfg.split}' needs a split file for a {fmt} corpus "
+                        "(set split_file; Karpathy json and HF datasets carry their own splits)")
     if cfg.split_file and not split_file_used:
         records = _apply_split_file(records, cfg.split_file, cfg.split)
     if cfg.limit is not None:

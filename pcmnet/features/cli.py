@@ -44,6 +44,10 @@ def run(args) -> int:
     from ..distributed import process_state
     from .cache import extract_image_features, extract_text_features
 
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
+                               ("--num-workers", args.num_workers, 0), ("--max-tokens", args.max_tokens, 1)):
+        if value is not None and value < least:
+            raise PcmnetError(f"{flag} must be at least {least}, got {value}")
     state = process_state()
     fields, batch_size, shard_size = DEFAULTS[args.kind]
     fields = tuple(f.strip() for f in (args.fields or fields).split(",") if f.strip())

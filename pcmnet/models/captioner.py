@@ -128,6 +128,21 @@ class BackboneInfo:
                    patch_dim=backbone.patch_dim, num_patches=backbone.num_patches)
 
 
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """A pcmnet model directory's config.json (model, backbone, extras), or a one-line
+    CheckpointError when the directory is something else (e.g. a Hugging Face model folder)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: not a pcmnet model directory (no config.json)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta["backbone"]["spec"], meta["model"]
+    except (ValueError, KeyError, TypeError):  # bad json / not pcmnet's keys
+        raise CheckpointError(f"{model_dir}: not a pcmnet model directory (its config.json has no "
+                              "pcmnet 'model' and 'backbone' sections)") from None
+    return meta
+
 class Captioner(nn.Module):
     """extras: json-able training information saved with the model (mode, corpus, counts, the
     concept words, ...). concepts: the concept bank C [K,D] of a PCM model (None when loading: the
@@ -349,9 +364,9 @@ class Captioner(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, backbone=None, map_location="cpu") -> "Captioner":
         d = Path(model_dir)
-        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        if not (d / "model.safetensors").is_file():
             raise CheckpointError(f"{d}: not a pcmnet model directory (needs config.json and model.safetensors)")
-        meta = json.loads((d / "config.json").read_text())
+        meta = read_model_config(d)
         cfg = from_dict(CaptionerConfig, meta["model"], prefix="model")
         info = BackboneInfo(**meta["backbone"])
         if backbone is not None and backbone.fingerprint() != info.fingerprint:

@@ -114,6 +114,7 @@ def run(args) -> int:
     from ..cli_args import backbone_config, corpus_config
     from ..data.readers import load_corpus
     from ..errors import PcmnetError
+    from .captioner import read_model_config
 
     log = logging.getLogger("pcmnet")
     if args.batch_size < 1:
@@ -121,15 +122,13 @@ def run(args) -> int:
     if args.temperature <= 0:
         raise PcmnetError(f"--temperature must be > 0, got {args.temperature}")
     if args.model is not None:
-        if not (Path(args.model) / "config.json").is_file():
-            raise PcmnetError(f"{args.model}: not a pcmnet model directory (no config.json)")
+        spec = read_model_config(args.model)["backbone"]["spec"]
         if Path(args.out).exists():
             raise PcmnetError(f"{args.out}: already exists; choose a new --out directory")
     elif Path(args.out).is_dir():
         raise PcmnetError(f"{args.out}: is a directory; --out is the memory file (or pass --model)")
     records = load_corpus(corpus_config(args), require_captions=True)
     if args.model is not None:
-        spec = json.loads((Path(args.model) / "config.json").read_text())["backbone"]["spec"]
         backbone = load_backbone(spec, device=args.device)
     else:
         backbone = load_backbone(backbone_config(args), device=args.device)

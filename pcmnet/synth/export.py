@@ -91,11 +91,16 @@ def export(folder: str | Path, out: str | Path, fmt: str = "hf", include_nsfw: b
             for i in range(shards):
                 ds.shard(shards, i, contiguous=True).to_parquet(
                     str(target / "data" / f"train-{i:05d}-of-{shards:05d}.parquet"))
-        if push_to_hub:
-            ds.push_to_hub(push_to_hub, max_shard_size=f"{max_shard_mb}MB")
         if out.exists():
             out.rmdir()  # empty (checked above)
-        os.replace(target, out)
+        os.replace(target, out)  # the local export is complete before any upload is tried
+        if push_to_hub:
+            try:
+                ds.push_to_hub(push_to_hub, max_shard_size=int(max_shard_mb * 2**20))
+            except Exception as e:  # network, auth, repo name: the export above stays
+                msg = " ".join(str(e).split())[:200]
+                raise PcmnetError(f"{out}: exported, but pushing to the hub as '{push_to_hub}' failed "
+                                  f"({type(e).__name__}: {msg})") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("exported %d pairs (%d shards) to %s", len(rows), shards, out)

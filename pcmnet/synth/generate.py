@@ -166,9 +166,11 @@ def encode_image(image, fmt: str) -> bytes:
 
 
 def check_settings(folder: Path, settings: dict, rank: int) -> None:
-    """Refuse to add pairs made with other generation settings to an existing folder."""
+    """Refuse to add pairs made with other generation settings to a folder that holds pairs
+    (a folder without any, e.g. after a first run whose pipeline failed to load, is re-set)."""
     path = folder / mf.SETTINGS
-    if path.exists():
+    has_pairs = (folder / mf.MANIFEST).exists() or any(folder.glob("manifest.part-*.jsonl"))
+    if path.exists() and has_pairs:
         old = json.loads(path.read_text())
         diff = [k for k in GENERATION_KEYS if old.get(k) != settings.get(k)]
         if diff:

@@ -29,6 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..data.jsonl import PartWriter, dumps  # noqa: F401 (PartWriter: the manifest parts' writer)
 from ..data.records import DataError, Record
 
 MANIFEST = "manifest.jsonl"
@@ -76,49 +77,6 @@ def atomic_write(path: Path, data: bytes, tmp: Path, fsync: bool = True) -> None
             f.flush()
             os.fsync(f.fileno())
     os.replace(temp, path)
-
-
-def _dumps(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False, sort_keys=True)
-
-
-class PartWriter:
-    """Append-only JSON-lines file of one process. Each `append` is one write + flush + fsync."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_tail(self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
-
-    def append(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        self.file.write("".join(_dumps(r) + "\n" for r in rows))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop a last line without its newline (a write killed half-way) before appending more."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data.endswith(b"\n"):
-            return
-        f.truncate(data.rfind(b"\n") + 1)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def clear_tmp(folder: str | Path, rank: int | None = None) -> None:
@@ -204,7 +162,7 @@ def write_merged(folder: str | Path, rank: int = 0) -> Path:
     folder = Path(folder)
     rows = merged_rows(folder)
     path = folder / MANIFEST
-    atomic_write(path, "".join(_dumps(r) + "\n" for r in rows).encode("utf-8"), tmp_dir(folder, rank))
+    atomic_write(path, "".join(dumps(r) + "\n" for r in rows).encode("utf-8"), tmp_dir(folder, rank))
     return path
 
 
