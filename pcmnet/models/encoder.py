@@ -30,9 +30,9 @@ class VisualTokens(nn.Module):
 
     Token order: [global, patch_1..patch_N] or [global, local_1..local_L]. Positions are learned
     (0 = global, 1.. = grid index); token type 0 = visual (1 is used by PCM's concept tokens, 2 by
-    joint-space local tokens). Local tokens are a set: they get no position of their own (word
-    order in text-only training and grid order at inference would not mean the same thing), only
-    their token type; at most `max_local` of them are used.
+    joint-space local tokens). Local tokens are a set: they all share position 0 (word order in
+    text-only training and grid order at inference would not mean the same thing) and are told
+    apart from the global token by their token type; at most `max_local` of them are used.
     """
 
     def __init__(self, embed_dim: int, patch_dim: int, num_patches: int, width: int,

@@ -66,7 +66,7 @@ class TextOnlyConfig:
     local_features:        FusionCap: local tokens = word features (training) / projected patches
                            P' (inference).
     local_normalize:       L2-normalize each local token (words and patches on the same sphere).
-    max_local:             at most this many local tokens (position table size).
+    max_local:             at most this many local tokens (they carry no positions).
     """
 
     noise_variance: float | str = 0.016
