@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from pcmnet.config import ConfigError
 import torch
 from safetensors.torch import load_file
 
@@ -182,6 +184,12 @@ def test_overfits_and_generates(trained):
     assert s.shape[0] == 12
     texts = [m.tokenizer.decode(r) for r in s.tolist()]
     assert sum(t == CAPTIONS[i // 4] for i, t in enumerate(texts)) >= 9
+    # a shorter limit cuts, a longer one than the decoder has positions for is refused
+    short = m.generate(feats, max_len=2)
+    assert all(len(c.split()) <= 2 for c in short)
+    for call in (m.generate_ids, m.sample_ids):
+        with pytest.raises(ConfigError, match=f"max_len {m.cfg.max_len + 1} is longer than this model's"):
+            call(feats, max_len=m.cfg.max_len + 1)
 
 
 def test_unk_is_never_generated(toy, image_feats):

@@ -294,6 +294,7 @@ class Captioner(nn.Module):
         """Beam search (greedy when beam_size=1). Returns (token ids [B,T], scores [B]). A word
         vocabulary's <unk> is never generated (it carries no word to show)."""
         K = beam_size or self.cfg.beam_size
+        max_len = self._max_len(max_len)
         memory, pad = self.encode(feats, train=False)
         memory, pad = self._repeat(memory, K), self._repeat(pad, K)
         B = feats["embeds"].shape[0]
@@ -306,7 +307,7 @@ class Captioner(nn.Module):
             return logp
 
         return beam_search(step, B, self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
-                           beam_size=K, max_len=max_len or self.cfg.max_len,
+                           beam_size=K, max_len=max_len,
                            length_penalty=self.cfg.length_penalty if length_penalty is None else length_penalty,
                            no_repeat_ngram=self.cfg.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
                            device=feats["embeds"].device)
@@ -318,10 +319,21 @@ class Captioner(nn.Module):
         self.train(was_training)
         return [self.tokenizer.decode(row) for row in ids.tolist()]
 
+    def _max_len(self, max_len: int | None) -> int:
+        """The length limit of a search: the model's by default; the word decoder has learned
+        positions for cfg.max_len words only, so it refuses a longer one."""
+        if max_len is None:
+            return self.cfg.max_len
+        if self.cfg.decoder == "transformer" and max_len > self.cfg.max_len:
+            raise ConfigError(f"max_len {max_len} is longer than this model's {self.cfg.max_len} "
+                              "(its decoder has positions for that many words)")
+        return max_len
+
     @torch.no_grad()
     def sample_ids(self, feats: dict, num_samples: int = 1, temperature: float = 1.0,
                    max_len: int | None = None, generator: torch.Generator | None = None):
         """num_samples captions per item by multinomial sampling (RL): tokens [B*num_samples, T]."""
+        max_len = self._max_len(max_len)
         memory, pad = self.encode(feats, train=False)
         memory, pad = self._repeat(memory, num_samples), self._repeat(pad, num_samples)
         M = feats["embeds"].shape[0] * num_samples
@@ -330,7 +342,7 @@ class Captioner(nn.Module):
             return torch.log_softmax(self.decode(memory, pad, tokens)[:, -1].float(), -1)
 
         return sample(step, M, self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
-                      max_len=max_len or self.cfg.max_len, temperature=temperature, generator=generator,
+                      max_len=max_len, temperature=temperature, generator=generator,
                       device=feats["embeds"].device)
 
     # ------------------------------------------------------------------ save / load
