@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from pcmnet.config import ConfigError
 import torch
 from safetensors.torch import load_file
 
+from pcmnet.config import ConfigError
 from pcmnet.errors import CheckpointError, MissingWeightsError
 from pcmnet.models.captioner import IGNORE_INDEX, Captioner, CaptionerConfig, caption_batch
 from pcmnet.models.vocab import SPECIALS, Vocab, words
