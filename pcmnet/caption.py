@@ -158,7 +158,7 @@ def render(results: list[CaptionResult], fmt: str) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:  # odd file names survive
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

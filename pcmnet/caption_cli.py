@@ -37,8 +37,8 @@ def run(args) -> int:
     from .caption import (caption_records, collect_images, load_captioner, output_format, render,
                           sidecar_paths, write_atomic, CaptionResult)
     from .data.jsonl import PartWriter, read_rows
-    from .distributed import process_state
     from .data.records import DataError
+    from .distributed import process_state
     from .errors import PcmnetError
 
     log = logging.getLogger("pcmnet")

@@ -128,7 +128,6 @@ class BackboneInfo:
                    patch_dim=backbone.patch_dim, num_patches=backbone.num_patches)
 
 
-
 def read_model_config(model_dir: str | Path) -> dict:
     """A pcmnet model directory's config.json (model, backbone, extras), or a one-line
     CheckpointError when the directory is something else (e.g. a Hugging Face model folder)."""
@@ -137,11 +136,14 @@ def read_model_config(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{model_dir}: not a pcmnet model directory (no config.json)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["backbone"]["spec"], meta["model"]
-    except (ValueError, KeyError, TypeError):  # bad json / not pcmnet's keys
+    except ValueError:  # not json, or not UTF-8
+        meta = None
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), dict)
+            and isinstance(meta.get("backbone"), dict) and "spec" in meta["backbone"]):
         raise CheckpointError(f"{model_dir}: not a pcmnet model directory (its config.json has no "
-                              "pcmnet 'model' and 'backbone' sections)") from None
+                              "pcmnet 'model' and 'backbone' sections)")
     return meta
+
 
 class Captioner(nn.Module):
     """extras: json-able training information saved with the model (mode, corpus, counts, the
