@@ -94,6 +94,13 @@ def test_shipped_eval_configs(name, train, test):
     assert (CONFIGS / f"{train}_sd_vitb32_pcmnet.yaml").is_file()
 
 
+def test_bundled_model_eval_config_writes_outside_the_package():
+    cfg = resolve(args_of("--config", CONFIGS / "eval_coco_mini_default.yaml"))
+    assert cfg.model == "pcmnet/assets/default_captioner"
+    for path in (cfg.predictions, cfg.output):  # an installed package may be read-only
+        assert path.startswith("runs/") and "pcmnet/assets" not in path
+
+
 # ------------------------------------------------------------------------------------------------
 # resolving a command line
 
