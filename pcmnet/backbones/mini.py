@@ -242,6 +242,7 @@ class MiniBackbone(Backbone):
         self.head = MiniHead(classifier, class_text)
         self.heads_path = heads_path
         self.tta = tta
+        self._channels_last = False  # the image tower's memory format on a CPU (set at first use)
 
     @classmethod
     def load(cls, heads: str | None = None, tta: bool = True) -> "MiniBackbone":
@@ -295,11 +296,17 @@ class MiniBackbone(Backbone):
 
         The tower runs on chunks of TOWER_CHUNK images: its depthwise convolutions get slower per
         image as the batch grows on a CPU (cache misses; 8 img/s at 4 images vs 3.5 at 64 on this
-        project's 2-core machine), and a captioning batch of 32 images is 128 views with TTA."""
+        project's 2-core machine), and a captioning batch of 32 images is 128 views with TTA.
+        On a CPU the tower also runs channels-last (NHWC), which its depthwise convolutions
+        prefer (1.2-1.7x faster per image here; the same numbers at these chunk sizes)."""
         pixels = pixels.to(self.device, torch.float32)
-        if pixels.device.type != "cpu" or pixels.shape[0] <= TOWER_CHUNK:
+        if pixels.device.type != "cpu":
             return self.image_tower.forward_features(pixels)
-        return torch.cat([self.image_tower.forward_features(c) for c in pixels.split(TOWER_CHUNK)])
+        if not self._channels_last:
+            self.image_tower.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        chunks = [c.contiguous(memory_format=torch.channels_last) for c in pixels.split(TOWER_CHUNK)]
+        return torch.cat([self.image_tower.forward_features(c) for c in chunks]).contiguous()
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         """[B,3,H,W] (one view) or [B,4,3,H,W] (the fixed TTA views, in `fixed_views` order)."""
