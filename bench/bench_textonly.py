@@ -12,7 +12,9 @@ backbone, then applied to the coco-mini photos. Rows:
     projection (DeCap)   the no-noise model with g replaced by its projection onto the memory of
                          the training captions (DeCap trains on clean embeddings: the same model)
     noise + projection   the noise (auto) model with the projection at inference
-    FusionCap            learned noise + projection network + local features (words / patches)
+    FusionCap            learned noise + projection network (configs/coco_mini_textonly_fusioncap.yaml:
+                         local features off, see that file)
+    FusionCap + local    the same + the local-feature module (words in training, patches at test)
     FusionCap - X        FusionCap with one piece switched off (ablations)
 
 Columns: BLEU-4, METEOR, CIDEr-D (x100, pycocoevalcap), CLIP-S (x100, mini backbone; "A photo
@@ -50,15 +52,15 @@ ROWS = {
     "noise_0.016": ("noise 0.016 (published)", "capdec", ["model.text_only.noise_variance=0.016"], None, None),
     "decap": ("projection (DeCap)", None, None, {"projection": True}, "no_noise"),
     "noise_proj": ("noise (auto) + projection", None, None, {"projection": True}, "noise_auto"),
-    "fusioncap": ("FusionCap", "fusioncap", [], None, None),
-    "fusioncap_no_local": ("FusionCap - local features", "fusioncap",
-                           ["model.inputs=global", "model.text_only.local_features=false"], None, None),
+    "fusioncap": ("FusionCap (offline twin: no local features)", "fusioncap", [], None, None),
+    "fusioncap_local": ("FusionCap + local features (words / patches)", "fusioncap",
+                        ["model.inputs=global_local", "model.text_only.local_features=true"], None, None),
     "fusioncap_no_noise_net": ("FusionCap - noise network (fixed noise)", "fusioncap",
                                ["model.text_only.noise_net=false"], None, None),
     "fusioncap_no_projection_net": ("FusionCap - projection network", "fusioncap",
                                     ["model.text_only.projection_net=false"], None, None),
 }
-MAIN = ["no_noise", "noise_auto", "noise_0.016", "decap", "noise_proj", "fusioncap"]
+MAIN = ["no_noise", "noise_auto", "noise_0.016", "decap", "noise_proj", "fusioncap", "fusioncap_local"]
 COLUMNS = [("BLEU-4", 100), ("METEOR", 100), ("CIDEr-D", 100), ("CLIP-S", 100), ("R@1", 100),
            ("unique_share", 100)]
 
