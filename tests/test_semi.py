@@ -24,12 +24,11 @@ from pcmnet.train import semi
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.rewards import CaptionReward, CiderD, SoftText, text_template
 from pcmnet.train.trainer import train
-from toys import ToyBackbone, complete_checkpoints, logged_steps, make_images
+from toys import WORDS, ToyBackbone, complete_checkpoints, logged_steps, make_images, toy_coco_corpus
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 SEMI_TOY = TESTS / "scripts" / "semi_toy.py"
-WORDS = ["red", "blue", "green", "small", "big", "old", "new", "tall"]
 SECRET = "zebrafish"  # only in the captions of the unlabeled images
 
 
@@ -38,14 +37,7 @@ def corpus(tmp_path_factory):
     """8 labeled images x 2 captions; 6 'unlabeled' images whose COCO json does hold captions (with
     a word nothing else has), so a test can prove stage 2 never reads them."""
     d = tmp_path_factory.mktemp("semi_corpus")
-    paths = make_images(d / "imgs", 8)
-    images, anns = [], []
-    for i, p in enumerate(paths):
-        images.append({"id": i + 1, "file_name": f"imgs/{p.name}"})
-        for j in range(2):
-            anns.append({"image_id": i + 1, "id": 10 * i + j,
-                         "caption": f"a {WORDS[(i + j) % 8]} {WORDS[(3 * i + j) % 8]} thing"})
-    (d / "caps.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    toy_coco_corpus(d, 8)
     unl = make_images(d / "unl", 6, seed=1)
     (d / "unl.json").write_text(json.dumps({
         "images": [{"id": 100 + i, "file_name": f"unl/{p.name}"} for i, p in enumerate(unl)],

@@ -19,25 +19,17 @@ from pcmnet.errors import PcmnetError
 from pcmnet.models.captioner import Captioner
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.trainer import EpochSampler, lr_factor, train
-from toys import ToyBackbone, complete_checkpoints, logged_steps, make_images
+from toys import WORDS, ToyBackbone, complete_checkpoints, logged_steps, toy_coco_corpus
 
 TESTS = Path(__file__).resolve().parent
 TOY_SCRIPT = TESTS / "scripts" / "train_toy.py"
-WORDS = ["red", "blue", "green", "small", "big", "old", "new", "tall"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """6 images x 2 captions = 12 pairs; every caption has 4 words (equal token counts per batch)."""
     d = tmp_path_factory.mktemp("corpus")
-    paths = make_images(d / "imgs", 6)
-    images, anns = [], []
-    for i, p in enumerate(paths):
-        images.append({"id": i + 1, "file_name": f"imgs/{p.name}"})
-        for j in range(2):
-            anns.append({"image_id": i + 1, "id": 10 * i + j,
-                         "caption": f"a {WORDS[(i + j) % 8]} {WORDS[(3 * i + j) % 8]} thing"})
-    (d / "caps.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    toy_coco_corpus(d, 6)
     return d
 
 

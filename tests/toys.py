@@ -119,3 +119,19 @@ def logged_steps(run) -> list[int]:
         except json.JSONDecodeError:
             pass
     return steps
+
+
+WORDS = ["red", "blue", "green", "small", "big", "old", "new", "tall"]
+
+
+def toy_coco_corpus(folder, n: int) -> None:
+    """folder/imgs/ with n images of `make_images` and folder/caps.json (COCO format): 2 captions
+    per image, 4 words each ("a red small thing"), so every batch has equal token counts."""
+    folder = Path(folder)
+    images, anns = [], []
+    for i, p in enumerate(make_images(folder / "imgs", n)):
+        images.append({"id": i + 1, "file_name": f"imgs/{p.name}"})
+        for j in range(2):
+            anns.append({"image_id": i + 1, "id": 10 * i + j,
+                         "caption": f"a {WORDS[(i + j) % 8]} {WORDS[(3 * i + j) % 8]} thing"})
+    (folder / "caps.json").write_text(json.dumps({"images": images, "annotations": anns}))
