@@ -135,14 +135,19 @@ def load_pipeline(cfg: SynthConfig, device: str):
     local = Path(cfg.model).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise MissingWeightsError(f"{cfg.model}: not a diffusers pipeline folder (no model_index.json)")
-    try:
-        with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones only know this
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    from ..backbones.hub import hub_offline_unless_reachable
+
+    offline = False
+    try:  # a hub id without a reachable hub fails at once (cache only), not after minutes of retries
+        with warnings.catch_warnings(), hub_offline_unless_reachable() as offline:
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*")  # newer diffusers: `dtype`
             pipe = AutoPipelineForText2Image.from_pretrained(str(local) if local.exists() else cfg.model,
                                                              torch_dtype=dtype)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MissingWeightsError(f"cannot load diffusion pipeline '{cfg.model}': {first}") from None
+        first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__).rstrip(".")
+        hint = ("; the Hugging Face hub is not reachable from here, so pass a local diffusers folder"
+                if offline and not local.exists() else "")
+        raise MissingWeightsError(f"cannot load diffusion pipeline '{cfg.model}': {first}{hint}") from None
     if not cfg.safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     set_scheduler(pipe, cfg.scheduler)
