@@ -132,6 +132,15 @@ def test_missing_weights_are_one_line_errors(tmp_path):
     assert "nobody-has/this-pipeline" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_unreachable_hub_is_looked_up_in_the_cache_only_and_said(monkeypatch):
+    """The hint is only added when the load ran in offline (cache-only) mode."""
+    from pcmnet.backbones import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(MissingWeightsError, match="hub is not reachable from here, so pass a local diffusers folder"):
+        load_pipeline(SynthConfig(model="nobody-has/this-pipeline"), "cpu")
+
+
 # --------------------------------------------------------------------------------------------
 # generation
 
