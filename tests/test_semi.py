@@ -4,10 +4,8 @@ no unlabeled caption ever read, run directory, resume between and within stages 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,11 +22,11 @@ from pcmnet.train import semi
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.rewards import CaptionReward, CiderD, SoftText, text_template
 from pcmnet.train.trainer import train
-from toys import WORDS, ToyBackbone, complete_checkpoints, logged_steps, make_images, toy_coco_corpus
+from toys import WORDS, ToyBackbone, kill_mid_epoch, logged_steps, make_images, toy_coco_corpus
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-SEMI_TOY = TESTS / "scripts" / "semi_toy.py"
+TRAIN_TOY = TESTS / "scripts" / "train_toy.py"
 SECRET = "zebrafish"  # only in the captions of the unlabeled images
 
 
@@ -458,40 +456,14 @@ def test_gumbel_run_resumes_exactly_from_a_mid_epoch_checkpoint(corpus, tmp_path
     assert read_log(run / "stage2" / "train_log.jsonl") == read_log(a.parent / "stage2" / "train_log.jsonl")
 
 
-def _kill_mid_epoch(cfg: Path, stage: Path, cwd: Path, resume: bool) -> int:
-    """Start the toy run in a subprocess, kill -9 it once `stage`'s newest checkpoint is mid-epoch
-    and a later step was logged; return that checkpoint's step."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOY_STEP_SLEEP="0.4")
-    proc = subprocess.Popen([sys.executable, str(SEMI_TOY), str(cfg)] + (["--resume"] if resume else []),
-                            env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            done = complete_checkpoints(stage)
-            if done and done[-1]["batch"] > 0 and max(logged_steps(stage), default=0) > done[-1]["step"]:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = done[-1]["step"]
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait()
-    assert killed_at is not None, proc.stderr.read().decode()[-2000:]
-    last = complete_checkpoints(stage)[-1]
-    assert last["step"] == killed_at and last["batch"] > 0, (killed_at, last)  # else rerun on a calmer box
-    return killed_at
-
-
 @pytest.mark.slow
 def test_exact_resume_after_kills_in_both_stages(full_run, corpus, tmp_path):
     cfg = write_config(corpus, tmp_path)
     run = tmp_path / "run"
-    k1 = _kill_mid_epoch(cfg, run / "stage1", tmp_path, resume=False)
+    k1 = kill_mid_epoch([TRAIN_TOY, cfg], run / "stage1", tmp_path)
     assert not (run / "stage1" / "model").exists() and max(logged_steps(run / "stage1")) > k1
     # resumed: stage 1 continues from its checkpoint, finishes; stage 2 starts and is killed mid-epoch
-    k2 = _kill_mid_epoch(cfg, run / "stage2", tmp_path, resume=True)
+    k2 = kill_mid_epoch([TRAIN_TOY, cfg, "--resume"], run / "stage2", tmp_path)
     assert (run / "stage1" / "model").exists() and not (run / "model").exists() and k2 >= 1
     final = run_api(corpus, tmp_path, resume=True)
     assert_same_weights(weights(run / "stage1" / "model"), weights(full_run.parent / "stage1" / "model"))
@@ -509,7 +481,7 @@ def test_two_processes_under_accelerate_launch(corpus, tmp_path):
     from test_train import launch_two
 
     cfg = write_config(corpus, tmp_path, semi={"epochs": 1})
-    res = launch_two(tmp_path, [str(SEMI_TOY), str(cfg)])
+    res = launch_two(tmp_path, [str(TRAIN_TOY), str(cfg)])
     assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines()  # the failing rank's lines
                                           if "/s]" not in ln and "[rank0]" not in ln)[-4000:]
     run = tmp_path / "run"

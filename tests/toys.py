@@ -9,6 +9,11 @@ embeddings. It is NOT a captioning model; it only lets tests exercise real code 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -119,6 +124,37 @@ def logged_steps(run) -> list[int]:
         except json.JSONDecodeError:
             pass
     return steps
+
+
+def kill_mid_epoch(cmd: list[str], run, cwd, min_step: int = 1) -> int:
+    """Run `cmd` (a tests/scripts/train_toy.py command; every step slowed to 0.4 s) and kill -9 it
+    once the newest checkpoint of `run` (a run or stage directory) is mid-epoch, at step >= min_step,
+    and a later step was logged; return that checkpoint's step. If the window is missed on a busy
+    machine, the next mid-epoch checkpoint gives another one."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOY_STEP_SLEEP="0.4")
+    proc = subprocess.Popen([sys.executable] + [str(c) for c in cmd], env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            done = complete_checkpoints(run)
+            if done and done[-1]["batch"] > 0 and done[-1]["step"] >= min_step \
+                    and max(logged_steps(run), default=0) > done[-1]["step"]:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = done[-1]["step"]
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait()
+    assert killed_at is not None, proc.stderr.read().decode()[-2000:]
+    # the run restarts from the middle of an epoch (a newer checkpoint may have been completed
+    # between the last look and the kill; then the test has to be rerun on a calmer machine)
+    last = complete_checkpoints(run)[-1]
+    assert last["step"] == killed_at and last["batch"] > 0, (killed_at, last)
+    return killed_at
 
 
 WORDS = ["red", "blue", "green", "small", "big", "old", "new", "tall"]
