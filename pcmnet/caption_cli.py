@@ -36,6 +36,7 @@ def run(args) -> int:
 
     from .caption import (caption_records, collect_images, load_captioner, output_format, render,
                           sidecar_paths, write_atomic, CaptionResult)
+    from .cli_args import check_at_least
     from .data.jsonl import PartWriter, read_rows
     from .data.records import DataError
     from .distributed import process_state
@@ -44,11 +45,9 @@ def run(args) -> int:
     log = logging.getLogger("pcmnet")
     state = process_state()
     rank, world = state.process_index, state.num_processes
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
-                               ("--beam-size", args.beam_size, 1), ("--max-len", args.max_len, 1),
-                               ("--no-repeat-ngram", args.no_repeat_ngram, 0)):
-        if value is not None and value < least:
-            raise PcmnetError(f"{flag} must be at least {least}, got {value}")
+    check_at_least(("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
+                   ("--beam-size", args.beam_size, 1), ("--max-len", args.max_len, 1),
+                   ("--no-repeat-ngram", args.no_repeat_ngram, 0))
     if world > 1 and not (args.output or args.sidecar):
         raise PcmnetError("with several processes, write results with --output FILE or --sidecar")
     fmt = output_format(args.output) if args.output else None

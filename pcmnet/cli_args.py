@@ -46,3 +46,12 @@ def backbone_config(args: argparse.Namespace):
     from .backbones.base import BackboneConfig
 
     return BackboneConfig(name=args.backbone, model=args.backbone_model, pretrained=args.backbone_pretrained)
+
+
+def check_at_least(*checks: tuple[str, int | None, int]) -> None:
+    """One-line error for the first (flag, value, least) whose value is given and below least."""
+    from .errors import PcmnetError
+
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise PcmnetError(f"{flag} must be at least {least}, got {value}")

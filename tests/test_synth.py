@@ -12,6 +12,7 @@ from PIL import Image
 
 from pcmnet.backbones.base import BackboneConfig
 from pcmnet.config import ConfigError, load_config
+from pcmnet.data.jsonl import PartWriter
 from pcmnet.data.readers import CorpusConfig, load_corpus
 from pcmnet.data.records import DataError
 from pcmnet.errors import MissingWeightsError, PcmnetError
@@ -312,7 +313,7 @@ def test_inline_and_later_scores_are_clipped_cosines(corpus, tiny_dir, tiny_pipe
 
     # an interrupted earlier scoring run left two scores behind: only the rest are computed
     first = mf.read_jsonl(later / mf.MANIFEST)[:2]
-    with mf.PartWriter(mf.part_path(later, 0, "scores")) as w:
+    with PartWriter(mf.part_path(later, 0, "scores")) as w:
         w.append([{"caption_id": r["caption_id"], "image_index": 0, "clip_score": max(c, 0.0),
                    "clip_backbone": toy.fingerprint(), "scored_at": 1.0} for r, c in zip(first, raw)])
     assert score_folder(later, toy, batch_size=4)["scored"] == len(CAPTIONS) - 2
@@ -355,7 +356,7 @@ def test_read_jsonl_torn_and_bad_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"caption_id": "a", "image_index": 0}\n{"caption_id": "b", "ima')
     assert [r["caption_id"] for r in mf.read_jsonl(path)] == ["a"]
-    w = mf.PartWriter(path)
+    w = PartWriter(path)
     w.append([{"caption_id": "c", "image_index": 0}])
     w.close()
     assert path.read_text() == '{"caption_id": "a", "image_index": 0}\n{"caption_id": "c", "image_index": 0}\n'

@@ -37,17 +37,15 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..backbones.base import load_backbone
-    from ..cli_args import backbone_config, corpus_config
+    from ..cli_args import backbone_config, check_at_least, corpus_config
     from ..data.readers import load_corpus
     from ..data.records import iter_captions
     from ..errors import PcmnetError
     from ..distributed import process_state
     from .cache import extract_image_features, extract_text_features
 
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
-                               ("--num-workers", args.num_workers, 0), ("--max-tokens", args.max_tokens, 1)):
-        if value is not None and value < least:
-            raise PcmnetError(f"{flag} must be at least {least}, got {value}")
+    check_at_least(("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
+                   ("--num-workers", args.num_workers, 0), ("--max-tokens", args.max_tokens, 1))
     state = process_state()
     fields, batch_size, shard_size = DEFAULTS[args.kind]
     fields = tuple(f.strip() for f in (args.fields or fields).split(",") if f.strip())

@@ -79,13 +79,10 @@ def attach_memory(model_dir: str | Path, memory, out_dir: str | Path) -> Path:
     (saved inside the copy; `text_only.memory_path` cleared). The memory must come from the model's
     backbone. The copy is written next to `out_dir` and renamed into place when complete."""
     from ..errors import CheckpointError, PcmnetError
-    from .captioner import MEMORY_FILE
+    from .captioner import MEMORY_FILE, read_model_config
 
     src, out = Path(model_dir), Path(out_dir)
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{src}: not a pcmnet model directory (no config.json)")
-    meta = json.loads(cfg_path.read_text())
+    meta = read_model_config(src)
     to = (meta.get("model") or {}).get("text_only")
     if not to or not (to.get("projection") or to.get("projection_net")):
         raise PcmnetError(f"{src}: not a text-only model with a projection (text_only.projection or "
@@ -111,14 +108,13 @@ def run(args) -> int:
     import logging
 
     from ..backbones.base import load_backbone
-    from ..cli_args import backbone_config, corpus_config
+    from ..cli_args import backbone_config, check_at_least, corpus_config
     from ..data.readers import load_corpus
     from ..errors import PcmnetError
     from .captioner import read_model_config
 
     log = logging.getLogger("pcmnet")
-    if args.batch_size < 1:
-        raise PcmnetError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_at_least(("--batch-size", args.batch_size, 1))
     if args.temperature <= 0:
         raise PcmnetError(f"--temperature must be > 0, got {args.temperature}")
     if args.model is not None:

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.jsonl import PartWriter
 from ..data.readers import load_corpus
 from ..data.records import DataError, iter_captions
 from ..errors import MissingWeightsError, PcmnetError
@@ -235,7 +236,7 @@ def generate(cfg: SynthConfig, pipe=None, backbone=None) -> dict:
                  "guidance": float(cfg.guidance), "dtype": dtype_name,
                  "device": torch.device(device).type}
         bar = tqdm(total=todo, unit="img", desc=f"synth[{rank}]", disable=not state.is_local_main_process)
-        with mf.PartWriter(mf.part_path(folder, rank)) as writer:
+        with PartWriter(mf.part_path(folder, rank)) as writer:
             for batch in batches:
                 rows = generate_batch(pipe, batch, cfg, size, fixed, folder, tmp, backbone)
                 writer.append(rows)

@@ -29,7 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..data.jsonl import PartWriter, dumps  # noqa: F401 (PartWriter: the manifest parts' writer)
+from ..data.jsonl import dumps
 from ..data.records import DataError, Record
 
 MANIFEST = "manifest.jsonl"

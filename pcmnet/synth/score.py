@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import Backbone, BackboneConfig
 from ..config import ConfigError
+from ..data.jsonl import PartWriter
 from ..data.records import Record
 from . import manifest as mf
 from ..distributed import process_state
@@ -77,7 +78,7 @@ def score_folder(folder: str | Path, backbone: Backbone, batch_size: int = 64) -
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), unit="img", desc=f"score[{rank}]", disable=not state.is_local_main_process)
-        with mf.PartWriter(mf.part_path(folder, rank, "scores")) as writer:
+        with PartWriter(mf.part_path(folder, rank, "scores")) as writer:
             for idx, pixels, bad in image_loader(records, backbone.preprocess, batch_size):
                 if idx:
                     g = backbone.encode_image(pixels.to(backbone.device)).embeds

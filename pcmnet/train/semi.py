@@ -48,7 +48,7 @@ from ..config import ConfigError
 from ..data.readers import load_corpus
 from ..data.records import DataError, Record
 from ..errors import PcmnetError
-from ..models.captioner import IGNORE_INDEX, Captioner
+from ..models.captioner import IGNORE_INDEX, Captioner, read_model_config
 from .losses import weighted_label_smoothed_ce
 from .rewards import CaptionReward, CiderD, SoftText
 
@@ -564,7 +564,7 @@ def train_semi(cfg, accelerator, backbone, out: Path, resume: bool = False) -> P
     if semi.stages == "stage2":
         if not (init / "config.json").exists():
             raise ConfigError(f"semi.stages=stage2 needs a stage-1 model: semi.stage1_model ({init} is not one)")
-        ids = json.loads((init / "config.json").read_text()).get("extras", {}).get("labeled_ids")
+        ids = read_model_config(init).get("extras", {}).get("labeled_ids")
     pool = load_corpus(cfg.data.train, require_captions=True, require_images=True)
     labeled, info = labeled_subset(semi, pool, cfg.data.train.path, ids)
     saved = out / "labeled.json"

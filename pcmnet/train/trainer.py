@@ -279,7 +279,8 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, accelerator) -> tuple[Path,
     out = Path(cfg.run.output_dir)
     existing = checkpoints(out)
     # stage runs of mode semi live in out/stage*/ (each a run directory of its own)
-    if (existing or any(out.glob("*/checkpoints/step-*"))) and not resume:
+    started = bool(existing) or any(out.glob("*/checkpoints/step-*"))
+    if started and not resume:
         raise PcmnetError(f"{out} already holds checkpoints; pass --resume to continue that run, "
                           "or choose another run.output_dir")
     saved = out / "config.yaml"
@@ -294,7 +295,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, accelerator) -> tuple[Path,
                               "resume with the same settings or start a new run.output_dir")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not existing and not any(out.glob("*/checkpoints/step-*")):
+        if not started:
             # nothing to resume: what a run killed before its first checkpoint derived from its
             # data (vocabulary, concepts, labeled subset) may belong to another config; rebuild it
             for name in ("tokenizer", "concepts"):
