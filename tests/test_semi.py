@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from pcmnet.config import ConfigError, load_config
 from pcmnet.data.records import Record
@@ -22,7 +21,8 @@ from pcmnet.train import semi
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.rewards import CaptionReward, CiderD, SoftText, text_template
 from pcmnet.train.trainer import train
-from toys import WORDS, ToyBackbone, kill_mid_epoch, logged_steps, make_images, toy_coco_corpus
+from toys import (WORDS, ToyBackbone, assert_same_weights, kill_mid_epoch, logged_steps, make_images,
+                  toy_coco_corpus, weights)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -69,16 +69,6 @@ def write_config(corpus, out: Path, **sections) -> Path:
 def run_api(corpus, out: Path, resume=False, overrides=(), **sections) -> Path:
     cfg = load_config(TrainConfig, write_config(corpus, out, **sections), list(overrides))
     return train(cfg, resume=resume, backbone=ToyBackbone().freeze())
-
-
-def weights(model_dir: Path) -> dict:
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def read_log(path: Path) -> list:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pcmnet.cli import main as cli_main
 from pcmnet.config import ConfigError, load_config
@@ -18,7 +17,8 @@ from pcmnet.errors import PcmnetError
 from pcmnet.models.captioner import Captioner
 from pcmnet.train.config import TrainConfig
 from pcmnet.train.trainer import EpochSampler, lr_factor, train
-from toys import WORDS, ToyBackbone, kill_mid_epoch, logged_steps, toy_coco_corpus
+from toys import (WORDS, ToyBackbone, assert_same_weights, kill_mid_epoch, logged_steps, toy_coco_corpus,
+                  weights)
 
 TESTS = Path(__file__).resolve().parent
 TOY_SCRIPT = TESTS / "scripts" / "train_toy.py"
@@ -58,16 +58,6 @@ def read_log(run: Path) -> list[dict]:
 
 def same_numbers(log):
     return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in log]
-
-
-def weights(model_dir: Path) -> dict:
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # ------------------------------------------------------------------------------------------------

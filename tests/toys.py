@@ -96,6 +96,19 @@ def make_images(folder, n: int = 6, size=(40, 30), seed: int = 0) -> list:
     return paths
 
 
+def weights(model_dir) -> dict:
+    """The tensors of a saved model directory."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def complete_checkpoints(run) -> list[dict]:
     """trainer_state.json of every complete checkpoint of a run (or stage) directory, oldest first;
     safe while the run writes and prunes them."""
